@@ -1,0 +1,637 @@
+"""Audit report over the pipeline output: flip rates, the classes purification replaces, a transition matrix,
+the most suspicious samples with before/after images, trend vs the previous run, and threshold alerts.
+
+A backdoor target class shows up as a class that purified images *leave*: poisoned inputs are predicted as the
+target before purification (the trigger works) and as their true class after it (the trigger is gone). So the
+headline per-class number is the replaced rate: of the rows with pred_orig == c, the share with pred_purified != c.
+
+Pure pyarrow + numpy + matplotlib (Agg, through `Figure` so no pyplot global state); no Ray, so the CLI's audit verb
+can run it on a laptop against the Parquet the cluster wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+REPORT_VERSION = 1
+IMAGE_COLUMNS = ("image_png", "image_orig_png")
+
+# Every key evaluate_thresholds understands; anything else is refused, so a typo cannot silently disable an alert.
+THRESHOLD_KEYS: dict[str, str] = {
+    "max_flip_rate": "alert when the overall flip rate (pred_orig != pred_purified) exceeds this",
+    "max_class_replaced_rate": "alert when any class's replaced rate exceeds this (classes with >= min_class_rows)",
+    "min_class_rows": "rows a class needs before max_class_replaced_rate applies to it (default 10)",
+    "max_error_rate": "alert when the share of error rows exceeds this",
+    "max_flip_rate_increase": "alert when the flip rate rose by more than this since the previous report",
+    "min_rows": "alert when the audit saw fewer rows than this (an empty audit proves nothing)",
+}
+DEFAULT_MIN_CLASS_ROWS = 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_output(
+    uri: str | Path,
+    filesystem: pafs.FileSystem | None = None,
+    columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """Read the pipeline's Parquet output directory (local path, `s3://...`, or a path on `filesystem`).
+
+    Files whose names start with `.` or `_` are skipped (pyarrow's default), which leaves out Ray's in-flight and
+    checkpoint files. Schemas are unified across files because a resumed run may have written an all-null column
+    as `null` type in one file and `string` in another.
+    """
+    source = str(uri)
+    if filesystem is None:
+        if "://" in source:
+            filesystem, source = pafs.FileSystem.from_uri(source)
+        else:
+            filesystem, source = pafs.LocalFileSystem(), str(Path(source).resolve())
+    dataset = ds.dataset(source, format="parquet", filesystem=filesystem)
+    fragments = list(dataset.get_fragments())
+    if len(fragments) > 1:
+        schema = pa.unify_schemas([f.physical_schema for f in fragments], promote_options="permissive")
+        dataset = ds.dataset(source, format="parquet", filesystem=filesystem, schema=schema)
+    wanted = None if columns is None else [c for c in columns if c in dataset.schema.names]
+    return dataset.to_table(columns=wanted)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _int_column(table: pa.Table, name: str, fill: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """(values with nulls filled, validity mask) as numpy; a missing column is all-null."""
+    n = table.num_rows
+    if name not in table.column_names:
+        return np.full(n, fill, dtype=np.int64), np.zeros(n, dtype=bool)
+    col = table.column(name)
+    valid = pc.is_valid(col).to_numpy(zero_copy_only=False).astype(bool)
+    values = pc.fill_null(col.cast(pa.int64()), fill).to_numpy(zero_copy_only=False).astype(np.int64)
+    return values, valid
+
+
+def _float_column(table: pa.Table, name: str) -> np.ndarray:
+    """Float values with nulls (and a missing column) as NaN."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    col = table.column(name).cast(pa.float64())
+    return pc.fill_null(col, float("nan")).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _error_mask(table: pa.Table) -> np.ndarray:
+    if "error" not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
+    col = table.column("error").cast(pa.string())
+    return pc.fill_null(pc.not_equal(col, ""), False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _rate(num: int | float, den: int | float) -> float | None:
+    return float(num) / float(den) if den else None
+
+
+def _wilson_lower(successes: int, n: int, z: float = 1.96) -> float:
+    """95% Wilson lower bound: ranks a class replaced 40 times in 50 above one replaced once in 1."""
+    if n == 0:
+        return 0.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = p + z * z / (2 * n)
+    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - margin) / denom)
+
+
+def _name(c: int, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and 0 <= c < len(class_names):
+        return str(class_names[c])
+    return str(c)
+
+
+def _value_counts(table: pa.Table, name: str, limit: int = 20) -> dict[str, int]:
+    if name not in table.column_names or table.num_rows == 0:
+        return {}
+    counts = pc.value_counts(table.column(name)).to_pylist()
+    counts.sort(key=lambda d: -d["counts"])
+    return {str(d["values"]): int(d["counts"]) for d in counts[:limit]}
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON; numpy scalars are not JSON-serializable."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes):
+        return None
+    return value
+
+
+def _trend(report: dict, previous: dict) -> dict:
+    def delta(key: str) -> float | None:
+        a, b = report.get(key), previous.get(key)
+        return None if a is None or b is None else float(a) - float(b)
+
+    prev_classes = previous.get("per_class") or {}
+    per_class: dict[str, float | None] = {}
+    for c, stats in report["per_class"].items():
+        before = (prev_classes.get(c) or {}).get("replaced_rate")
+        now = stats.get("replaced_rate")
+        per_class[c] = None if before is None or now is None else now - before
+    prev_top = (previous.get("most_replaced") or [{}])[0].get("class")
+    now_top = (report.get("most_replaced") or [{}])[0].get("class")
+    return {
+        "previous_generated_at": previous.get("generated_at"),
+        "previous_rows": previous.get("rows"),
+        "flip_rate_delta": delta("flip_rate"),
+        "error_rate_delta": delta("error_rate"),
+        "mean_nfe_delta": delta("mean_nfe"),
+        "rows_delta": delta("rows"),
+        "per_class_replaced_rate_delta": per_class,
+        "previous_top_replaced": prev_top,
+        "top_replaced_changed": prev_top is not None and now_top is not None and prev_top != now_top,
+    }
+
+
+def _summarize(table: pa.Table, class_names: Sequence[str] | None, top_k: int) -> tuple[dict, np.ndarray]:
+    """All report numbers, plus the row indices of the suspicious samples (for the image grid)."""
+    n = table.num_rows
+    is_error = _error_mask(table)
+    po, po_ok = _int_column(table, "pred_orig")
+    pp, pp_ok = _int_column(table, "pred_purified")
+    valid = ~is_error & po_ok & pp_ok
+    flipped = valid & (po != pp)
+    n_valid = int(valid.sum())
+
+    seen = np.concatenate([po[valid], pp[valid]])
+    named = np.arange(len(class_names)) if class_names else np.zeros(0, dtype=np.int64)
+    classes = np.unique(np.concatenate([seen, named])).astype(np.int64)
+    k = len(classes)
+
+    matrix = np.zeros((k, k), dtype=np.int64)
+    if n_valid:
+        np.add.at(matrix, (np.searchsorted(classes, po[valid]), np.searchsorted(classes, pp[valid])), 1)
+
+    per_class: dict[str, dict] = {}
+    for i, c in enumerate(classes.tolist()):
+        rows_c = int(matrix[i].sum())
+        replaced = rows_c - int(matrix[i, i])
+        received = int(matrix[:, i].sum()) - int(matrix[i, i])
+        per_class[str(c)] = {
+            "name": _name(c, class_names),
+            "rows": rows_c,  # rows with pred_orig == c
+            "replaced": replaced,  # ... whose purified prediction is another class
+            "replaced_rate": _rate(replaced, rows_c),
+            "replaced_rate_lcb": _wilson_lower(replaced, rows_c),
+            "received": received,  # rows of other classes that purification turned into c
+            "purified_rows": int(matrix[:, i].sum()),
+            "share_orig": _rate(rows_c, n_valid),
+            "share_purified": _rate(int(matrix[:, i].sum()), n_valid),
+        }
+    # Rank by the Wilson lower bound: support matters, a class seen twice is not a finding.
+    ranking = sorted(
+        (c for c in per_class if per_class[c]["rows"] > 0),
+        key=lambda c: (-per_class[c]["replaced_rate_lcb"], -(per_class[c]["replaced_rate"] or 0.0), int(c)),
+    )
+    most_replaced = [
+        {
+            "class": int(c),
+            "name": per_class[c]["name"],
+            "rows": per_class[c]["rows"],
+            "replaced": per_class[c]["replaced"],
+            "replaced_rate": per_class[c]["replaced_rate"],
+            "replaced_rate_lcb": per_class[c]["replaced_rate_lcb"],
+        }
+        for c in ranking
+    ]
+
+    nfe = _float_column(table, "nfe")
+    nfe_valid = nfe[valid & np.isfinite(nfe)]
+
+    label, label_ok = _int_column(table, "label")
+    labelled = valid & label_ok & (label >= 0)
+    n_labelled = int(labelled.sum())
+    labels = None
+    if n_labelled:
+        labels = {
+            "rows": n_labelled,
+            "accuracy_orig": float((po[labelled] == label[labelled]).mean()),
+            "accuracy_purified": float((pp[labelled] == label[labelled]).mean()),
+            # purification restoring the true label on rows the black box got wrong: the poisoned-input signature
+            "restored": int((labelled & (po != label) & (pp == label)).sum()),
+            "broken": int((labelled & (po == label) & (pp != label)).sum()),
+        }
+
+    # Suspicious: flagged rows (the pipeline's own flag, else the flip), highest flag_score first, nulls last.
+    if "flagged" in table.column_names:
+        flag = pc.fill_null(table.column("flagged").cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
+        flag = valid & flag.astype(bool)
+    else:
+        flag = flipped
+    score = _float_column(table, "flag_score")
+    cand = np.flatnonzero(flag)
+    order = np.lexsort((cand, -np.nan_to_num(score[cand], nan=-np.inf)))  # stable: ties keep input order
+    chosen = cand[order][: max(0, top_k)]
+
+    def cell(name: str, i: int) -> Any:
+        return table.column(name)[int(i)].as_py() if name in table.column_names else None
+
+    suspicious = [
+        {
+            "key": cell("key", i),
+            "shard": cell("shard", i),
+            "label": cell("label", i),
+            "pred_orig": int(po[i]),
+            "pred_purified": int(pp[i]),
+            "score_orig": cell("score_orig", i),
+            "score_purified": cell("score_purified", i),
+            "flag_score": cell("flag_score", i),
+            "nfe": cell("nfe", i),
+        }
+        for i in chosen.tolist()
+    ]
+
+    errors = int(is_error.sum())
+    summary = {
+        "rows": n,
+        "errors": errors,
+        "error_rate": _rate(errors, n),
+        "valid_rows": n_valid,
+        "flipped": int(flipped.sum()),
+        "flip_rate": _rate(int(flipped.sum()), n_valid),
+        "flagged": int(flag.sum()),
+        "mean_nfe": float(nfe_valid.mean()) if nfe_valid.size else None,
+        "total_nfe": float(nfe_valid.sum()) if nfe_valid.size else 0.0,
+        "shards": int(pc.count_distinct(table.column("shard")).as_py()) if "shard" in table.column_names else 0,
+        "methods": _value_counts(table, "method"),
+        "params": list(_value_counts(table, "params", limit=5)),
+        "top_errors": _value_counts(table.filter(pa.array(is_error)), "error", limit=5) if errors else {},
+        "classes": classes.tolist(),
+        "class_names": {str(c): _name(c, class_names) for c in classes.tolist()},
+        "per_class": per_class,
+        "most_replaced": most_replaced,
+        "transitions": {"labels": classes.tolist(), "matrix": matrix.tolist()},
+        "labels": labels,
+        "suspicious": suspicious,
+        "has_original_images": "image_orig_png" in table.column_names,
+    }
+    return summary, chosen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Thresholds
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_threshold_keys(thresholds: dict | None) -> None:
+    unknown = sorted(set(thresholds or {}) - set(THRESHOLD_KEYS))
+    if unknown:
+        raise ValueError(f"unknown threshold(s) {unknown}; known: {sorted(THRESHOLD_KEYS)}")
+
+
+def evaluate_thresholds(report: dict, thresholds: dict | None) -> list[str]:
+    """Human-readable alerts for every threshold the report crosses; empty when all is well.
+
+    A rate that cannot be measured (no rows, no valid rows) is itself an alert when a threshold asks for it:
+    an audit that saw nothing must not pass.
+    """
+    if not thresholds:
+        return []
+    _check_threshold_keys(thresholds)
+    alerts: list[str] = []
+
+    def check(value: float | None, limit: float, what: str, key: str) -> None:
+        if value is None:
+            alerts.append(f"{what} cannot be measured (no valid rows) but {key}={limit} is set")
+        elif value > limit:
+            alerts.append(f"{what} {value:.4f} > {key} {limit}")
+
+    if "min_rows" in thresholds and report.get("rows", 0) < thresholds["min_rows"]:
+        alerts.append(f"rows {report.get('rows', 0)} < min_rows {thresholds['min_rows']}")
+    if "max_flip_rate" in thresholds:
+        check(report.get("flip_rate"), float(thresholds["max_flip_rate"]), "flip rate", "max_flip_rate")
+    if "max_error_rate" in thresholds:
+        check(report.get("error_rate"), float(thresholds["max_error_rate"]), "error rate", "max_error_rate")
+    if "max_class_replaced_rate" in thresholds:
+        limit = float(thresholds["max_class_replaced_rate"])
+        min_rows = int(thresholds.get("min_class_rows", DEFAULT_MIN_CLASS_ROWS))
+        for c, stats in sorted(report.get("per_class", {}).items(), key=lambda kv: int(kv[0])):
+            rate = stats.get("replaced_rate")
+            if stats.get("rows", 0) >= min_rows and rate is not None and rate > limit:
+                alerts.append(
+                    f"class {c} ({stats.get('name', c)}) replaced rate {rate:.4f} > max_class_replaced_rate "
+                    f"{limit} ({stats['replaced']}/{stats['rows']} rows left the class after purification)"
+                )
+    if "max_flip_rate_increase" in thresholds:
+        limit = float(thresholds["max_flip_rate_increase"])
+        d = (report.get("trend") or {}).get("flip_rate_delta")
+        if d is not None and d > limit:
+            alerts.append(f"flip rate rose by {d:.4f} since the previous report > max_flip_rate_increase {limit}")
+    return alerts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _figure_data_uri(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _png_data_uri(data: bytes | None) -> str | None:
+    # Only PNG signatures are embedded: the bytes come from the dataset, and anything else is not shown as an image.
+    if not data or not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _class_chart(report: dict, previous: dict | None) -> str | None:
+    from matplotlib.figure import Figure  # imported late: a JSON-only caller never pays for matplotlib
+
+    classes = [c for c in report["per_class"] if report["per_class"][c]["rows"] > 0]
+    if not classes:
+        return None
+    classes.sort(key=int)
+    rates = [report["per_class"][c]["replaced_rate"] or 0.0 for c in classes]
+    names = [report["per_class"][c]["name"] for c in classes]
+    top = report["most_replaced"][0]["class"] if report["most_replaced"] else None
+    fig = Figure(figsize=(max(6.0, 0.55 * len(classes) + 2), 3.6))
+    ax = fig.add_subplot()
+    colors = ["#c0392b" if int(c) == top else "#2e86c1" for c in classes]
+    ax.bar(range(len(classes)), rates, color=colors, label="replaced rate")
+    if report.get("flip_rate") is not None:
+        ax.axhline(report["flip_rate"], color="#555", linestyle="--", linewidth=1, label="overall flip rate")
+    if previous and previous.get("per_class"):
+        prev = [(previous["per_class"].get(c) or {}).get("replaced_rate") for c in classes]
+        xs = [i for i, v in enumerate(prev) if v is not None]
+        ax.scatter(xs, [prev[i] for i in xs], marker="_", s=400, color="black", zorder=3, label="previous run")
+    ax.set_xticks(range(len(classes)))
+    ax.set_xticklabels(names, rotation=45 if len(classes) > 8 else 0, ha="right" if len(classes) > 8 else "center")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of rows leaving the class")
+    ax.set_xlabel("class predicted on the original image (pred_orig)")
+    ax.set_title("Per-class replaced rate after purification")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never hides a bar
+    return _figure_data_uri(fig)
+
+
+def _heatmap(report: dict) -> str | None:
+    from matplotlib.figure import Figure
+
+    labels = report["transitions"]["labels"]
+    m = np.asarray(report["transitions"]["matrix"], dtype=np.float64)
+    if not labels or m.sum() == 0:
+        return None
+    # Row-normalized colours so a big class does not wash out the rest; raw counts are written in the cells.
+    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    names = [report["class_names"].get(str(c), str(c)) for c in labels]
+    side = min(14.0, max(4.5, 0.42 * len(labels) + 2.5))
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.add_subplot()
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
+    ax.set_xticks(range(len(labels)))
+    ax.set_yticks(range(len(labels)))
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_yticklabels(names)
+    ax.set_xlabel("pred_purified")
+    ax.set_ylabel("pred_orig")
+    ax.set_title("Transitions pred_orig -> pred_purified")
+    if len(labels) <= 15:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if m[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        str(int(m[i, j])),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if norm[i, j] > 0.6 else "white",
+                    )
+    return _figure_data_uri(fig)
+
+
+def _fmt(value: Any, digits: int = 3, pct: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}%" if pct else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _fmt_delta(value: float | None, pct: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:+.1f} pp" if pct else f"{value:+.2f}"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1c2833;background:#fff}
+h1{margin:0 0 4px 0;font-size:24px} h2{margin-top:28px;border-bottom:1px solid #d5d8dc;padding-bottom:4px}
+.muted{color:#707b7c;font-size:13px}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
+.card{border:1px solid #d5d8dc;border-radius:8px;padding:10px 14px;min-width:130px}
+.card .v{font-size:22px;font-weight:600} .card .k{font-size:12px;color:#707b7c}
+.alerts{background:#fdedec;border:1px solid #c0392b;border-radius:8px;padding:8px 16px}
+.ok{background:#eafaf1;border:1px solid #27ae60;border-radius:8px;padding:8px 16px}
+table.t{border-collapse:collapse;font-size:13px} table.t td,table.t th{border:1px solid #d5d8dc;padding:3px 8px}
+table.t th{background:#f4f6f6;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
+.grid{display:flex;flex-wrap:wrap;gap:12px}
+.sample{border:1px solid #d5d8dc;border-radius:8px;padding:8px;font-size:12px;width:230px}
+.pair{display:flex;gap:6px} .pair figure{margin:0;text-align:center}
+.pair img{width:108px;height:108px;image-rendering:pixelated;border:1px solid #aab7b8;background:#eee}
+.noimg{width:108px;height:108px;border:1px dashed #aab7b8;display:flex;align-items:center;justify-content:center}
+.key{font-family:ui-monospace,monospace;word-break:break-all}
+img.plot{max-width:100%;border:1px solid #eee}
+"""
+
+
+def _render_html(report: dict, table: pa.Table, chosen: np.ndarray, previous: dict | None) -> str:
+    e = html.escape
+    cards = [
+        ("rows", _fmt(report["rows"])),
+        ("errors", f"{report['errors']} ({_fmt(report['error_rate'], pct=True)})"),
+        ("flip rate", _fmt(report["flip_rate"], pct=True)),
+        ("flagged", _fmt(report["flagged"])),
+        ("mean NFE", _fmt(report["mean_nfe"], digits=1)),
+        ("shards", _fmt(report["shards"])),
+    ]
+    if report["most_replaced"]:
+        top = report["most_replaced"][0]
+        cards.append(("most replaced class", f"{top['name']} ({_fmt(top['replaced_rate'], pct=True)})"))
+    if report.get("labels"):
+        lab = report["labels"]
+        cards.append(
+            (
+                "accuracy orig / purified",
+                f"{_fmt(lab['accuracy_orig'], pct=True)} / {_fmt(lab['accuracy_purified'], pct=True)}",
+            )
+        )
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        # No external requests of any kind: the page must render offline, attached to a ticket or an e-mail.
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'\">",
+        "<title>bbpurify audit report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Backdoor purification audit</h1>",
+        f"<div class='muted'>generated {e(str(report['generated_at']))} &middot; methods "
+        f"{e(', '.join(f'{k} ({v})' for k, v in report['methods'].items()) or 'n/a')}</div>",
+        "<div class='cards'>",
+        *(f"<div class='card'><div class='v'>{e(v)}</div><div class='k'>{e(k)}</div></div>" for k, v in cards),
+        "</div>",
+    ]
+    if report["alerts"]:
+        parts.append("<div class='alerts'><b>Thresholds crossed</b><ul>")
+        parts += [f"<li>{e(a)}</li>" for a in report["alerts"]]
+        parts.append("</ul></div>")
+    elif report.get("thresholds"):
+        parts.append(
+            f"<div class='ok'>No threshold crossed: {e(json.dumps(report['thresholds'], sort_keys=True))}</div>"
+        )
+
+    trend = report.get("trend")
+    if trend:
+        parts.append("<h2>Trend vs previous report</h2>")
+        parts.append(
+            f"<p class='muted'>previous report: {e(str(trend.get('previous_generated_at')))}, "
+            f"{e(str(trend.get('previous_rows')))} rows</p>"
+        )
+        parts.append("<table class='t'><tr><th>metric</th><th>change</th></tr>")
+        parts.append(f"<tr><td>flip rate</td><td class='n'>{_fmt_delta(trend['flip_rate_delta'])}</td></tr>")
+        parts.append(f"<tr><td>error rate</td><td class='n'>{_fmt_delta(trend['error_rate_delta'])}</td></tr>")
+        parts.append(f"<tr><td>mean NFE</td><td class='n'>{_fmt_delta(trend['mean_nfe_delta'], pct=False)}</td></tr>")
+        if trend.get("top_replaced_changed"):
+            was = str(trend["previous_top_replaced"])
+            was = report["class_names"].get(was, was)
+            parts.append(f"<tr><td>most replaced class</td><td>changed (was {e(was)})</td></tr>")
+        parts.append("</table>")
+
+    parts.append("<h2>Classes purification replaces</h2>")
+    parts.append(
+        "<p class='muted'>For each class c: of the rows the black box put in c on the original image, the "
+        "share it puts elsewhere after purification. A backdoor target is a class purified images leave. "
+        "Ranked by the 95% Wilson lower bound so that small classes do not top the list by chance.</p>"
+    )
+    chart = _class_chart(report, previous)
+    if chart:
+        parts.append(f"<img class='plot' alt='per-class replaced rate' src='{chart}'>")
+    deltas = (trend or {}).get("per_class_replaced_rate_delta", {})
+    parts.append(
+        "<table class='t'><tr><th>rank</th><th>class</th><th>rows</th><th>replaced</th>"
+        "<th>replaced rate</th><th>lower bound</th><th>received</th>" + ("<th>change</th>" if trend else "") + "</tr>"
+    )
+    for rank, row in enumerate(report["most_replaced"][:20], 1):
+        stats = report["per_class"][str(row["class"])]
+        change = f"<td class='n'>{_fmt_delta(deltas.get(str(row['class'])))}</td>" if trend else ""
+        parts.append(
+            f"<tr><td class='n'>{rank}</td><td>{e(row['name'])}</td><td class='n'>{row['rows']}</td>"
+            f"<td class='n'>{row['replaced']}</td><td class='n'>{_fmt(row['replaced_rate'], pct=True)}</td>"
+            f"<td class='n'>{_fmt(row['replaced_rate_lcb'], pct=True)}</td>"
+            f"<td class='n'>{stats['received']}</td>{change}</tr>"
+        )
+    parts.append("</table>")
+
+    heat = _heatmap(report)
+    if heat:
+        parts.append("<h2>Transition matrix</h2>")
+        parts.append(f"<img class='plot' alt='transition heatmap' src='{heat}'>")
+
+    parts.append(f"<h2>Most suspicious samples ({len(chosen)})</h2>")
+    if not report["has_original_images"]:
+        parts.append(
+            "<p class='muted'>The output has no image_orig_png column (run with output.keep_original=true "
+            "to see the originals).</p>"
+        )
+    if len(chosen) == 0:
+        parts.append("<p>No flagged rows.</p>")
+    else:
+        cols = [c for c in IMAGE_COLUMNS if c in table.column_names]
+        images = table.select(cols).take(pa.array(chosen, type=pa.int64())) if cols else None
+        parts.append("<div class='grid'>")
+        for j, s in enumerate(report["suspicious"]):
+            figs = []
+            for col, caption in (("image_orig_png", "before"), ("image_png", "after")):
+                uri = _png_data_uri(images.column(col)[j].as_py()) if images is not None and col in cols else None
+                inner = f"<img alt='{caption}' src='{uri}'>" if uri else "<div class='noimg'>no image</div>"
+                figs.append(f"<figure>{inner}<figcaption>{caption}</figcaption></figure>")
+            po = report["class_names"].get(str(s["pred_orig"]), str(s["pred_orig"]))
+            pp = report["class_names"].get(str(s["pred_purified"]), str(s["pred_purified"]))
+            parts.append(
+                f"<div class='sample'><div class='pair'>{''.join(figs)}</div>"
+                f"<div class='key'>{e(str(s['key']))}</div>"
+                f"<div>{e(po)} &rarr; <b>{e(pp)}</b> &middot; score {e(_fmt(s['flag_score']))}</div>"
+                f"<div class='muted'>label {e(str(s['label']))} &middot; shard {e(str(s['shard']))}</div></div>"
+            )
+        parts.append("</div>")
+
+    if report["top_errors"]:
+        parts.append("<h2>Most frequent errors</h2><table class='t'><tr><th>error</th><th>rows</th></tr>")
+        parts += [f"<tr><td>{e(k)}</td><td class='n'>{v}</td></tr>" for k, v in report["top_errors"].items()]
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_report(
+    table: pa.Table,
+    out_dir: Path,
+    previous: dict | None = None,
+    thresholds: dict | None = None,
+    class_names: list[str] | None = None,
+    top_k: int = 16,
+) -> dict:
+    """Compute the audit numbers from the pipeline output, write `report.json` and `report.html` into `out_dir`.
+
+    `previous` is the previous run's report.json (as a dict) for the trend section; `thresholds` (keys in
+    THRESHOLD_KEYS) fill `report["alerts"]`, which the CLI turns into a non-zero exit.
+    """
+    _check_threshold_keys(thresholds)  # before any work: a typo should not cost a full report run
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary, chosen = _summarize(table, class_names, top_k)
+    report: dict[str, Any] = {
+        "version": REPORT_VERSION,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **summary,
+    }
+    report["trend"] = _trend(report, previous) if previous else None
+    report["thresholds"] = dict(thresholds or {})
+    report["alerts"] = evaluate_thresholds(report, thresholds)
+    report = _json_safe(report)
+    report["files"] = {"json": str(out_dir / "report.json"), "html": str(out_dir / "report.html")}
+
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False))
+    (out_dir / "report.html").write_text(_render_html(report, table, chosen, previous), encoding="utf-8")
+    return report

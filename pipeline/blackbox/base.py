@@ -1,0 +1,458 @@
+"""The black-box classifier interface, input/output conventions, and the batching/retry engine of remote clients.
+
+A black box is only ever *queried*: images go in, labels (and scores when the model gives them) come out. Per-request
+failures never raise: a failed row gets label -1 and an error string, so a long job keeps going and the metrics can
+count failures as wrong answers instead of silently dropping rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+
+import numpy as np
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+log = logging.getLogger(__name__)
+
+SCALES = ("unit", "signed", "uint8")
+# Open Inference Protocol v2 tensor datatypes we can send images as.
+V2_DTYPES: dict[str, np.dtype] = {
+    "FP32": np.dtype(np.float32), "FP16": np.dtype(np.float16), "FP64": np.dtype(np.float64),
+    "UINT8": np.dtype(np.uint8), "INT8": np.dtype(np.int8), "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+}
+BUDGET_EXHAUSTED = "query budget exhausted"
+
+
+class BlackBoxUnavailable(RuntimeError):
+    """Raised by check(): the model file or endpoint is not there or not ready."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How the black box wants its input; comes from config."""
+
+    size: int = 28  # H = W
+    channels: int = 1
+    scale: str = "unit"  # "unit" float in [0,1], "signed" [-1,1], "uint8" raw 0..255 (as float or uint8 per datatype)
+    input_name: str = "input-0"
+    datatype: str = "FP32"
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"InputSpec.scale must be one of {SCALES}, got {self.scale!r}")
+        if self.datatype not in V2_DTYPES:
+            raise ValueError(f"InputSpec.datatype must be one of {tuple(V2_DTYPES)}, got {self.datatype!r}")
+        if self.scale != "uint8" and V2_DTYPES[self.datatype].kind != "f":
+            raise ValueError(f"scale {self.scale!r} needs a float datatype, got {self.datatype}")
+        if self.size <= 0 or self.channels <= 0:
+            raise ValueError("InputSpec.size and channels must be positive")
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # int64 (N,), -1 where the query failed
+    scores: np.ndarray | None  # float32 (N, K) probabilities when the model gives logits/probs, else None
+    errors: list[str | None] = field(default_factory=list)  # per row: None when fine, else a short reason
+
+    @property
+    def failed(self) -> np.ndarray:
+        return np.array([e is not None for e in self.errors], dtype=bool)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Prediction]) -> Prediction:
+        if not parts:
+            return cls(np.zeros(0, np.int64), None, [])
+        labels = np.concatenate([p.labels for p in parts]).astype(np.int64)
+        errors = [e for p in parts for e in p.errors]
+        return cls(labels, _merge_scores([p.scores for p in parts], [len(p.labels) for p in parts]), errors)
+
+
+def _merge_scores(scores: Sequence[np.ndarray | None], lengths: Sequence[int]) -> np.ndarray | None:
+    """Concatenate per-chunk scores; rows of failed chunks become NaN so shapes still line up with labels."""
+    widths = {s.shape[1] for s in scores if s is not None}
+    if len(widths) != 1:
+        return None  # no scores at all, or chunks disagree on K (a model swap mid-run): scores are not comparable
+    k = widths.pop()
+    return np.concatenate([s if s is not None else np.full((n, k), np.nan, np.float32)
+                           for s, n in zip(scores, lengths, strict=True)]).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input / output conventions shared by all clients.
+
+
+def validate_images(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Check images are uint8 (N, C, H, W) at the spec's size; (N, H, W) is accepted for 1-channel specs."""
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"images must be a numpy array, got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (N, C, H, W), got dtype {images.dtype}")
+    if images.ndim == 3 and spec.channels == 1:
+        images = images[:, None]
+    expected = (spec.channels, spec.size, spec.size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise ValueError(f"images must be uint8 (N, {expected[0]}, {expected[1]}, {expected[2]}) for {spec}, "
+                         f"got shape {images.shape}")
+    return images
+
+
+def to_model_input(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 (N, C, H, W) -> the array the model is fed, per spec.scale and spec.datatype."""
+    dtype = V2_DTYPES[spec.datatype]
+    if spec.scale == "uint8":
+        return images.astype(dtype)
+    # float32 arithmetic matches what torchvision's ToTensor and most exporters do, so labels agree bit-for-bit
+    x = images.astype(np.float32)
+    x = x / np.float32(255.0) if spec.scale == "unit" else x / np.float32(127.5) - np.float32(1.0)
+    return x.astype(dtype)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def parse_output(out: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Model output -> (labels int64 (n,), scores float32 (n, K) or None). Raises ValueError if uninterpretable.
+
+    (n, K>1): logits or probabilities (kept if rows already are a distribution, else softmaxed), label = argmax.
+    (n,) or (n, 1) with integer values: labels directly.
+    """
+    out = np.asarray(out)
+    if out.ndim == 0 or out.shape[0] != n:
+        raise ValueError(f"output has shape {out.shape}, expected a first dimension of {n}")
+    if out.ndim == 2 and out.shape[1] > 1:
+        x = out.astype(np.float64)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("output contains NaN or inf")
+        is_dist = bool(np.all(x >= 0) and np.all(x <= 1) and np.allclose(x.sum(axis=1), 1.0, atol=1e-3))
+        probs = x if is_dist else _softmax(x)
+        return np.argmax(x, axis=1).astype(np.int64), probs.astype(np.float32)
+    if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
+        flat = out.reshape(n)
+        if flat.dtype.kind in "iub":
+            return flat.astype(np.int64), None
+        if flat.dtype.kind == "f" and np.all(np.isfinite(flat)) and np.allclose(flat, np.round(flat)):
+            return np.round(flat).astype(np.int64), None
+        raise ValueError(f"output of shape {out.shape} is not integer labels")
+    raise ValueError(f"cannot interpret output of shape {out.shape} (want (N, K) scores or (N,) labels)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counters.
+
+
+class Stats:
+    """Thread-safe counters. Invariants: rows == ok + failures; attempts == queries + retries;
+    images == rows - budget_rejected (every row that was not refused by the budget was sent in some query)."""
+
+    _LAT_WINDOW = 10_000  # percentiles over the latest attempts: bounded memory on unbounded streams
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._c = {"rows": 0, "images": 0, "queries": 0, "attempts": 0, "retries": 0, "ok": 0, "failures": 0,
+                   "budget_rejected": 0}
+        self._lat: deque[float] = deque(maxlen=self._LAT_WINDOW)
+        self._lat_sum = 0.0
+        self._lat_n = 0
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                self._c[k] += v
+
+    def latency(self, ms: float) -> None:
+        with self._lock:
+            self._lat.append(ms)
+            self._lat_sum += ms
+            self._lat_n += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            d: dict = dict(self._c)
+            lat = np.array(self._lat) if self._lat else None
+            d["latency_ms_mean"] = self._lat_sum / self._lat_n if self._lat_n else 0.0
+            d["latency_ms_p50"] = float(np.percentile(lat, 50)) if lat is not None else 0.0
+            d["latency_ms_p95"] = float(np.percentile(lat, 95)) if lat is not None else 0.0
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The interface.
+
+
+class BlackBox(ABC):
+    spec: InputSpec
+
+    @abstractmethod
+    def predict(self, images: np.ndarray) -> Prediction:
+        """images uint8 (N, C, H, W) at spec size. Never raises for per-request failures (label -1 + error)."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise BlackBoxUnavailable with a clear message if the model is not reachable / ready."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """Counters: queries, images, retries, failures, latency_ms_mean/p50/p95 (and more per client)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most clients have something to release
+        pass
+
+    def __enter__(self) -> BlackBox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared engine for remote clients (v2 REST, SageMaker): split, bound concurrency, budget, rate limit, retries.
+
+
+class RetryableError(Exception):
+    """A transient failure worth retrying; ``reason`` is short and secret-free, ``retry_after`` in seconds."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class FatalError(Exception):
+    """A failure retrying cannot fix (4xx, undecodable response): the rows fail at once."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_retry_after(value: str | None, cap_s: float) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), capped so one header cannot stall a job."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        secs = float(value)
+    except ValueError:
+        try:
+            secs = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            return None
+    if not math.isfinite(secs):
+        return None
+    return min(max(secs, 0.0), cap_s)
+
+
+class RateLimiter:
+    """Spaces request starts at least 1/qps apart across all threads (a token bucket of depth 1)."""
+
+    def __init__(self, qps: float) -> None:
+        if qps <= 0:
+            raise ValueError("rate_limit_qps must be > 0")
+        self._interval = 1.0 / qps
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self._interval
+        if start > now:
+            time.sleep(start - now)
+
+
+def headers_from_env(auth_env: str | None, header_env: Mapping[str, str] | None) -> tuple[dict[str, str], list[str]]:
+    """Build auth headers from environment variables; returns (headers, secret values to redact).
+
+    Raises ValueError naming the *variable* (never its value) if one is unset, so a misconfigured job fails early.
+    """
+    headers: dict[str, str] = {}
+    secrets: list[str] = []
+    wanted = ([("Authorization", auth_env, True)] if auth_env else []) + [
+        (h, env, False) for h, env in (header_env or {}).items()]
+    for header, env, bearer in wanted:
+        value = os.environ.get(env)
+        if not value:
+            raise ValueError(f"environment variable {env} (for header {header}) is not set")
+        headers[header] = f"Bearer {value}" if bearer else value
+        secrets.append(value)
+    return headers, secrets
+
+
+class Redactor:
+    """Removes secret values from any text before it reaches an error string or a log line."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        # longest first so a secret that contains another is removed whole
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return text
+
+
+class RemoteBlackBox(BlackBox):
+    """Base of HTTP-ish clients. Subclasses implement ``_send(x, request_id) -> np.ndarray`` (raw first output),
+    raising RetryableError / FatalError; everything else (chunks, threads, budget, retries, stats) lives here."""
+
+    def __init__(self, spec: InputSpec | None = None, *, max_batch_size: int = 64, max_concurrency: int = 4,
+                 timeout_s: float = 30.0, retries: int = 4, backoff_s: float = 0.25, max_backoff_s: float = 20.0,
+                 max_retry_after_s: float = 60.0, rate_limit_qps: float | None = None,
+                 query_budget: int | None = None, secrets: Sequence[str] = (),
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if max_batch_size < 1 or max_concurrency < 1 or retries < 0 or timeout_s <= 0:
+            raise ValueError("max_batch_size and max_concurrency must be >= 1, retries >= 0, timeout_s > 0")
+        if query_budget is not None and query_budget < 0:
+            raise ValueError("query_budget must be >= 0")
+        self.spec = spec or InputSpec()
+        self.max_batch_size = int(max_batch_size)
+        self.max_concurrency = int(max_concurrency)
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.max_retry_after_s = float(max_retry_after_s)
+        self.query_budget = query_budget
+        self._budget_used = 0
+        self._budget_lock = threading.Lock()
+        self._rate = RateLimiter(rate_limit_qps) if rate_limit_qps else None
+        self._redact = Redactor(secrets)
+        self._sleep = sleep
+        self._stats = Stats()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._req_seq = 0
+
+    # -- subclass hooks -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def _send(self, x: np.ndarray, request_id: str) -> np.ndarray:
+        """One attempt: send the model input batch, return the first output as an array."""
+
+    @abstractmethod
+    def _target(self) -> str:
+        """A secret-free description of where queries go, for messages."""
+
+    # -- public ---------------------------------------------------------------------------------------------------
+    def predict(self, images: np.ndarray) -> Prediction:
+        images = validate_images(images, self.spec)
+        n = len(images)
+        self._stats.add(rows=n)
+        if n == 0:
+            return Prediction(np.zeros(0, np.int64), None, [])
+        allowed = self._reserve_budget(n)
+        chunks = [(i, min(i + self.max_batch_size, allowed)) for i in range(0, allowed, self.max_batch_size)]
+        parts: list[Prediction] = []
+        if chunks:
+            x = to_model_input(images[:allowed], self.spec)
+            if len(chunks) == 1 or self.max_concurrency == 1:
+                parts = [self._run_chunk(x[a:b]) for a, b in chunks]
+            else:
+                # map keeps input order; at most max_concurrency requests are in flight at once
+                parts = list(self._executor().map(lambda ab: self._run_chunk(x[ab[0]:ab[1]]), chunks))
+        if allowed < n:
+            rejected = n - allowed
+            self._stats.add(budget_rejected=rejected, failures=rejected)
+            parts.append(Prediction(np.full(rejected, -1, np.int64), None, [BUDGET_EXHAUSTED] * rejected))
+        return Prediction.concat(parts)
+
+    def stats(self) -> dict:
+        d = self._stats.snapshot()
+        d["budget_left"] = None if self.query_budget is None else self.query_budget - self._budget_used
+        return d
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(target={self._target()!r}, spec={self.spec}, "
+                f"max_batch_size={self.max_batch_size}, max_concurrency={self.max_concurrency})")
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="blackbox")
+            return self._pool
+
+    def _reserve_budget(self, n: int) -> int:
+        # reserved up front, in call order, so which rows get refused does not depend on thread scheduling
+        if self.query_budget is None:
+            return n
+        with self._budget_lock:
+            allowed = max(0, min(n, self.query_budget - self._budget_used))
+            self._budget_used += allowed
+        return allowed
+
+    def _next_id(self) -> str:
+        with self._pool_lock:
+            self._req_seq += 1
+            return str(self._req_seq)
+
+    def _wait(self, state: RetryCallState) -> float:
+        # full-jitter exponential backoff; a server's Retry-After is a floor, not a suggestion
+        exp = min(self.max_backoff_s, self.backoff_s * (2 ** (state.attempt_number - 1)))
+        wait = random.uniform(0, exp)
+        exc = state.outcome.exception() if state.outcome else None
+        ra = getattr(exc, "retry_after", None)
+        return max(wait, ra) if ra is not None else wait
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self._stats.add(retries=1)
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("black box %s: %s, retry %d/%d", self._target(), self._redact(str(getattr(exc, "reason", exc))),
+                    state.attempt_number, self.retries)
+
+    def _attempt(self, x: np.ndarray, request_id: str) -> np.ndarray:
+        if self._rate is not None:
+            self._rate.acquire()
+        self._stats.add(attempts=1)
+        t0 = time.perf_counter()
+        try:
+            return self._send(x, request_id)
+        finally:
+            self._stats.latency((time.perf_counter() - t0) * 1000.0)
+
+    def _run_chunk(self, x: np.ndarray) -> Prediction:
+        n = len(x)
+        self._stats.add(queries=1, images=n)
+        retrying = Retrying(stop=stop_after_attempt(self.retries + 1), wait=self._wait,
+                            retry=retry_if_exception_type(RetryableError), before_sleep=self._before_sleep,
+                            sleep=self._sleep, reraise=True)
+        error: str
+        try:
+            out = retrying(self._attempt, x, self._next_id())
+            labels, scores = parse_output(out, n)
+        except RetryableError as e:
+            tries = self.retries + 1
+            error = f"{e.reason} after {tries} {'try' if tries == 1 else 'tries'}"
+        except FatalError as e:
+            error = e.reason
+        except ValueError as e:  # parse_output: the model answered, but not with something we can read
+            error = f"bad response: {e}"
+        except Exception as e:  # noqa: BLE001 - a client bug must not kill a long job; the row records it
+            error = f"client error: {type(e).__name__}: {e}"
+        else:
+            self._stats.add(ok=n)
+            return Prediction(labels, scores, [None] * n)
+        error = self._redact(error)[:300]
+        self._stats.add(failures=n)
+        return Prediction(np.full(n, -1, np.int64), None, [error] * n)

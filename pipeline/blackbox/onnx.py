@@ -1,0 +1,102 @@
+"""Local ONNX model queried through onnxruntime (CPU provider): ``onnx:path/model.onnx``.
+
+Still a black box to the defense: only the first output is read, exactly as for a remote endpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .base import (
+    BlackBox,
+    BlackBoxUnavailable,
+    InputSpec,
+    Prediction,
+    Stats,
+    parse_output,
+    to_model_input,
+    validate_images,
+)
+
+
+class OnnxBlackBox(BlackBox):
+    def __init__(self, path: str | Path, spec: InputSpec | None = None, *, max_batch_size: int = 512,
+                 threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.spec = spec or InputSpec()
+        self.max_batch_size = int(max_batch_size)
+        self.threads = threads
+        self._session = None
+        self._input_name: str | None = None
+        self._stats = Stats()
+
+    def _load(self):  # noqa: ANN202 - onnxruntime.InferenceSession, imported lazily
+        if self._session is None:
+            import onnxruntime as ort
+
+            if not self.path.is_file():
+                raise BlackBoxUnavailable(f"ONNX model file not found: {self.path}")
+            opts = ort.SessionOptions()
+            if self.threads:
+                # Ray actors share a node: an explicit thread count keeps them from oversubscribing the cores
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+            try:
+                sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own non-public exception types
+                raise BlackBoxUnavailable(f"cannot load ONNX model {self.path}: {str(e)[:300]}") from None
+            names = [i.name for i in sess.get_inputs()]
+            if self.spec.input_name in names:
+                self._input_name = self.spec.input_name
+            elif len(names) == 1:
+                # a local file has no ambiguity: its only input is the image, whatever the config calls it
+                self._input_name = names[0]
+            else:
+                raise BlackBoxUnavailable(f"{self.path}: input {self.spec.input_name!r} not among {names}")
+            self._session = sess
+        return self._session
+
+    def check(self) -> None:
+        self._load()
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        images = validate_images(images, self.spec)
+        n = len(images)
+        self._stats.add(rows=n)
+        if n == 0:
+            return Prediction(np.zeros(0, np.int64), None, [])
+        try:
+            sess = self._load()
+        except BlackBoxUnavailable as e:
+            self._stats.add(failures=n)
+            return Prediction(np.full(n, -1, np.int64), None, [str(e)[:300]] * n)
+        parts = []
+        for a in range(0, n, self.max_batch_size):
+            x = to_model_input(images[a:a + self.max_batch_size], self.spec)
+            m = len(x)
+            self._stats.add(queries=1, attempts=1, images=m)
+            t0 = time.perf_counter()
+            try:
+                out = sess.run(None, {self._input_name: x})[0]
+                labels, scores = parse_output(out, m)
+            except Exception as e:  # noqa: BLE001 - per-request failure: record it on the rows, keep going
+                self._stats.add(failures=m)
+                parts.append(Prediction(np.full(m, -1, np.int64), None, [f"onnxruntime: {str(e)[:200]}"] * m))
+            else:
+                self._stats.add(ok=m)
+                parts.append(Prediction(labels, scores, [None] * m))
+            finally:
+                self._stats.latency((time.perf_counter() - t0) * 1000.0)
+        return Prediction.concat(parts)
+
+    def stats(self) -> dict:
+        return self._stats.snapshot()
+
+    def close(self) -> None:
+        self._session = None
+
+    def __repr__(self) -> str:
+        return f"OnnxBlackBox(path={str(self.path)!r}, spec={self.spec})"

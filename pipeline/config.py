@@ -1,0 +1,122 @@
+"""One typed job config, validated once: YAML file + `section.key=value` CLI overrides, embedded defaults.
+
+YAML is read with `yaml.safe_load`, so a config file cannot construct Python objects or run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.purify.models import REPO_ROOT
+
+METHODS = ("none", "sdedit", "zip", "sampdetox", "cascade")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Section):
+    uri: str = "out/demo/shards"
+    format: Literal["parquet", "webdataset", "imagefolder"] = "parquet"
+    image_column: str = "image"
+    key_column: str = "key"
+    label_column: str = "label"
+    endpoint_url: str | None = None  # S3-compatible store; else env S3_ENDPOINT_URL / AWS chain
+    limit: int | None = Field(default=None, ge=1)
+    decode_policy: Literal["resize", "pad", "reject"] = "resize"
+    max_image_bytes: int = Field(default=20_000_000, ge=1)
+
+
+class ModelConfig(_Section):
+    name: str = "fmnist-tiny"  # preset name, local save_pretrained folder, or hub id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class PurifyConfig(_Section):
+    method: Literal["none", "sdedit", "zip", "sampdetox", "cascade"] = "cascade"
+    seed: int = 0
+    # Method-specific knobs, passed to the purifier's constructor and validated there (see pipeline/purify/).
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class BlackBoxConfig(_Section):
+    uri: str = "onnx:models/victims/badnets.onnx"
+    size: int = Field(default=28, ge=1)
+    channels: Literal[1, 3] = 1
+    scale: Literal["unit", "signed", "uint8"] = "unit"
+    input_name: str = "input-0"
+    datatype: str = "FP32"
+    max_batch_size: int = Field(default=256, ge=1)
+    max_concurrency: int = Field(default=4, ge=1)
+    timeout_s: float = Field(default=30.0, gt=0)
+    retries: int = Field(default=4, ge=0)
+    rate_limit_qps: float | None = None
+    query_budget: int | None = None
+    auth_env: str | None = None  # name of the env var holding a bearer token (never the token itself)
+    header_env: dict[str, str] = Field(default_factory=dict)
+
+
+class ResourcesConfig(_Section):
+    purify_actors: int = Field(default=1, ge=1)  # initial/min size of the GPU actor pool
+    max_purify_actors: int | None = None  # autoscaling upper bound (default = purify_actors)
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    purify_batch_size: int = Field(default=64, ge=1)
+    query_actors: int = Field(default=1, ge=1)
+    query_batch_size: int = Field(default=256, ge=1)
+    decode_batch_size: int = Field(default=256, ge=1)
+
+
+class OutputConfig(_Section):
+    uri: str = "out/demo/sanitized"
+    endpoint_url: str | None = None
+    keep_original: bool = False  # also store the input image (audits need it for before/after grids)
+    resume: bool = True  # Ray Data checkpointing on the reader's id column
+
+
+class JobConfig(_Section):
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    purify: PurifyConfig = Field(default_factory=PurifyConfig)
+    blackbox: BlackBoxConfig = Field(default_factory=BlackBoxConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray_address: str | None = None  # None: connect to RAY_ADDRESS if set, else start a local cluster
+
+    @field_validator("ray_address")
+    @classmethod
+    def _strip(cls, v: str | None) -> str | None:
+        return v.strip() or None if isinstance(v, str) else v
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    *path, leaf = dotted.split(".")
+    node = tree
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)  # typed like YAML: 3 -> int, true -> bool, [a, b] -> list
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a YAML job file (optional), apply `a.b=value` overrides, validate once."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
+            p = REPO_ROOT / p
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: a job config must be a YAML mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw)
+    return JobConfig.model_validate(tree)

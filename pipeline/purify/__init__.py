@@ -1,0 +1,61 @@
+"""Purification methods: pure batched torch, no Ray. `build_purifier` maps a config's method + params to one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pipeline.purify.base import Purifier
+from pipeline.purify.cascade import Cascade
+from pipeline.purify.models import DiffusionModel, load_model
+from pipeline.purify.sampdetox import SampDetox
+from pipeline.purify.sampling import PurifyResult
+from pipeline.purify.sdedit import SDEdit
+from pipeline.purify.zip import ZIP
+
+
+class Identity(Purifier):
+    """No purification (the undefended baseline): 0 NFE."""
+
+    name = "none"
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def nominal_nfe(self) -> float:
+        return 0.0
+
+    def _purify(self, x: torch.Tensor, keys: Sequence[str], seed: int) -> PurifyResult:
+        return PurifyResult(x, torch.zeros(x.shape[0], dtype=torch.long))
+
+
+METHODS: dict[str, type[Purifier]] = {"none": Identity, "sdedit": SDEdit, "zip": ZIP, "sampdetox": SampDetox}
+
+
+def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | None = None,
+                   dtype: str = "float32") -> Purifier | Cascade:
+    """Construct (and so validate) a method. Cascade takes `base` (a method name), `k`, `vote_original`, and the
+    base's own params; unknown params raise a TypeError naming them."""
+    params = dict(params or {})
+    if method == "cascade":
+        base = params.pop("base", "sdedit")
+        k = params.pop("k", 3)
+        vote_original = params.pop("vote_original", False)
+        if base == "cascade":
+            raise ValueError("a cascade's base must be a single-pass method")
+        if base == "sdedit":
+            params.setdefault("t_start", 250)
+            params.setdefault("steps", 10)
+        return Cascade(build_purifier(base, model, params, dtype), k=k, vote_original=vote_original)  # type: ignore[arg-type]
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted([*METHODS, 'cascade'])}")
+    try:
+        return METHODS[method](model, dtype=dtype, **params)
+    except TypeError as exc:
+        raise TypeError(f"bad params for method {method!r}: {exc}") from exc
+
+
+__all__ = ["Cascade", "DiffusionModel", "Purifier", "PurifyResult", "build_purifier", "load_model", "METHODS"]

@@ -1,0 +1,90 @@
+"""What every purifier shares: input checks, the size policy, and the call signature."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.purify.models import DiffusionModel
+from pipeline.purify.sampling import PurifyResult
+
+SIZE_POLICIES = ("error", "resize", "pad")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def as_model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (0..255) or float (0..1) batch (N, C, H, W) -> float32 in [-1, 1] on `device`."""
+    x = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.to(device=device, dtype=torch.float32) / 127.5 - 1.0
+    if not x.is_floating_point():
+        raise TypeError(f"images must be uint8 or float, got {x.dtype}")
+    x = x.to(device=device, dtype=torch.float32)
+    if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+        raise ValueError("float images must be scaled to [0, 1] (got values outside)")
+    return x * 2 - 1
+
+
+class Purifier(ABC):
+    """A batched, Ray-free purification method. Call it with images and their keys; get images back and NFE."""
+
+    name: str = "base"
+
+    def __init__(self, model: DiffusionModel, size_policy: str = "resize", dtype: str = "float32") -> None:
+        if size_policy not in SIZE_POLICIES:
+            raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        self.model = model
+        self.size_policy = size_policy
+        self.dtype = DTYPES[dtype]
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """The knobs that define this run (written next to every output row)."""
+
+    @property
+    @abstractmethod
+    def nominal_nfe(self) -> float:
+        """UNet evaluations per image for this setting (an upper bound where the method adapts)."""
+
+    @abstractmethod
+    def _purify(self, x: torch.Tensor, keys: Sequence[str], seed: int) -> PurifyResult:
+        """x: float (N, C, S, S) in [-1, 1] at the model's size S."""
+
+    def __call__(self, images: np.ndarray | torch.Tensor, keys: Sequence[str], seed: int = 0) -> PurifyResult:
+        x = as_model_input(images, self.model.device)
+        n, c, h, w = x.shape
+        if len(keys) != n:
+            raise ValueError(f"got {n} images but {len(keys)} keys")
+        if c != self.model.channels:
+            raise ValueError(f"model {self.model.name!r} takes {self.model.channels} channel(s), images have {c}")
+        if n == 0:
+            return PurifyResult(x, torch.zeros(0, dtype=torch.long))
+        s = self.model.image_size
+        x_in, undo = self._fit(x, s)
+        res = self._purify(x_in, keys, seed)
+        return PurifyResult(undo(res.images).clamp(-1, 1), res.nfe.cpu())
+
+    def _fit(self, x: torch.Tensor, s: int):
+        h, w = x.shape[-2:]
+        if (h, w) == (s, s):
+            return x, lambda y: y
+        if self.size_policy == "error":
+            raise ValueError(f"images are {h}x{w}, model {self.model.name!r} takes {s}x{s} (size_policy='error')")
+        if self.size_policy == "resize":
+            fit = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+            return fit, lambda y: F.interpolate(y, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        if h > s or w > s:
+            raise ValueError(f"size_policy='pad' cannot fit {h}x{w} into {s}x{s}")
+        top, left = (s - h) // 2, (s - w) // 2
+        # Edge padding keeps border statistics natural for the UNet; constant -1 would look like a frame.
+        fit = F.pad(x, (left, s - w - left, top, s - h - top), mode="replicate")
+        return fit, lambda y: y[..., top: top + h, left: left + w]

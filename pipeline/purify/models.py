@@ -1,0 +1,115 @@
+"""Named diffusion-model presets and loading of a diffusers UNet2DModel + DDPM schedule (safetensors only)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODELS_DIR = Path(os.environ.get("PIPELINE_MODELS_DIR", REPO_ROOT / "models"))
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    source: str  # local folder (relative to MODELS_DIR) or a hub id
+    image_size: int
+    channels: int
+    description: str = ""
+
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        ModelPreset("fmnist-tiny", "fmnist-ddpm", 28, 1, "embedded: trained here on Fashion-MNIST"),
+        ModelPreset("ddpm-cifar10-32", "google/ddpm-cifar10-32", 32, 3, "hub: CIFAR-10 DDPM (needs network)"),
+        ModelPreset("ddpm-celebahq-256", "google/ddpm-celebahq-256", 256, 3, "hub: CelebA-HQ DDPM (needs network)"),
+    )
+}
+
+
+@dataclass
+class DiffusionModel:
+    """A UNet and the schedule it was trained with; what every purifier needs."""
+
+    unet: UNet2DModel
+    alphas_cumprod: torch.Tensor  # (T,) float64 on CPU
+    image_size: int
+    channels: int
+    name: str = ""
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device: str | torch.device) -> DiffusionModel:
+        self.unet.to(device)
+        return self
+
+
+def resolve_source(name_or_path: str) -> tuple[str, ModelPreset | None]:
+    """Map a preset name, a local folder or a hub id to what from_pretrained takes."""
+    preset = PRESETS.get(name_or_path)
+    source = preset.source if preset else name_or_path
+    local = MODELS_DIR / source
+    if local.is_dir():
+        return str(local), preset
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser()), preset
+    return source, preset
+
+
+def load_model(name_or_path: str = "fmnist-tiny", device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load a diffusers DDPM (unet/ + scheduler/ subfolders, or a flat repo) from a folder or hub id.
+
+    Weights are read from safetensors only: pickled checkpoints are refused by `use_safetensors=True`.
+    """
+    source, preset = resolve_source(name_or_path)
+    is_local = Path(source).is_dir()
+    sub = "unet" if (not is_local or (Path(source) / "unet").is_dir()) else None
+    try:
+        unet = UNet2DModel.from_pretrained(source, subfolder=sub, use_safetensors=True)
+    except (OSError, EnvironmentError) as exc:
+        if sub == "unet" and not is_local:
+            unet = UNet2DModel.from_pretrained(source, use_safetensors=True)
+        else:
+            raise FileNotFoundError(f"cannot load diffusion model {name_or_path!r} from {source!r}: {exc}") from exc
+    try:
+        sched = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    except (OSError, EnvironmentError):
+        sched = DDPMScheduler.from_pretrained(source)
+    unet.eval().requires_grad_(False)
+    size = unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return DiffusionModel(
+        unet=unet.to(device),
+        alphas_cumprod=sched.alphas_cumprod.to(torch.float64).cpu(),
+        image_size=preset.image_size if preset else int(size),
+        channels=int(unet.config.in_channels),
+        name=name_or_path,
+    )
+
+
+def build_unet(image_size: int = 28, channels: int = 1, width: int = 32) -> UNet2DModel:
+    """The embedded architecture: a 3-level UNet without attention (fast on CPU, ~1.7M parameters at width 32).
+
+    Two downsamplings keep 28x28 native (28 -> 14 -> 7); no padding to 32 is needed.
+    """
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(width, 2 * width, 3 * width),
+        down_block_types=("DownBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )

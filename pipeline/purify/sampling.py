@@ -1,0 +1,124 @@
+"""The shared few-step reverse loop: per-image seeded noise, a DDIM/DDPM step, an optional DDNM projection hook.
+
+State convention: state t in 0..T counts forward noising steps, so x_t = sqrt(abar(t)) x_0 + sqrt(1 - abar(t)) eps
+with abar(0) = 1 and abar(t) = alphas_cumprod[t - 1]; the UNet is called with timestep t - 1. Then "t_start = 250,
+steps = 10" costs exactly 10 UNet evaluations (NFE) and ends on a clean state. A step is written here rather than
+taken from a diffusers scheduler because ZIP must edit the x0 prediction inside the step and SampDetox needs a
+different noise level per pixel; neither fits `scheduler.step`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from pipeline.purify.models import DiffusionModel
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PurifyResult:
+    images: torch.Tensor  # float (N, C, H, W) in [-1, 1], on the input's device
+    nfe: torch.Tensor  # int64 (N,): UNet evaluations spent on each image
+
+    def uint8(self) -> np.ndarray:
+        return to_uint8(self.images)
+
+
+def key_seed(key: str, seed: int) -> int:
+    """A 63-bit seed from (image key, job seed): stable across processes, unlike hash()."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def generators(keys: Sequence[str], seed: int) -> list[torch.Generator]:
+    # CPU generators: the same stream on every device, so a result does not depend on where it ran.
+    return [torch.Generator("cpu").manual_seed(key_seed(str(k), seed)) for k in keys]
+
+
+def noise_like(x: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """One noise draw per image from its own generator: independent of batch composition."""
+    return randn_tensor(tuple(x.shape), generator=gens, device=x.device, dtype=torch.float32).to(x.dtype)
+
+
+def abar(model: DiffusionModel, t: int | torch.Tensor) -> torch.Tensor:
+    """alpha_bar at state t (0 = clean). Works on ints or integer tensors (per-pixel levels)."""
+    table = torch.cat([torch.ones(1, dtype=torch.float64), model.alphas_cumprod])
+    if isinstance(t, int):
+        return table[t].float()
+    return table.to(t.device)[t].float()
+
+
+def state_grid(t_start: int, steps: int) -> list[int]:
+    """Descending states t_start = g0 > g1 > ... > g_steps = 0, evenly spaced, `steps` transitions."""
+    if not 1 <= steps <= t_start:
+        raise ValueError(f"steps must be in [1, t_start={t_start}], got {steps}")
+    grid = np.linspace(t_start, 0, steps + 1).round().astype(int).tolist()
+    return grid
+
+
+def q_sample(model: DiffusionModel, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    a = abar(model, t)
+    if a.ndim:
+        a = a.to(x0.device)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def predict_eps(model: DiffusionModel, x: torch.Tensor, t: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    ts = torch.full((x.shape[0],), t - 1, device=x.device, dtype=torch.long)
+    if dtype != torch.float32:
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            return model.unet(x, ts).sample.float()
+    return model.unet(x, ts).sample
+
+
+def ddim_step(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    a_t: torch.Tensor,
+    a_prev: torch.Tensor,
+    eta: float,
+    noise: torch.Tensor | None,
+    project: Projection | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step (eta = 1 on consecutive states is DDPM's ancestral step). Returns (x_prev, x0_pred)."""
+    x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    if project is not None:
+        x0 = project(x0)
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # the noise consistent with the projected x0 (DDNM)
+    sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+    x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+    if eta > 0 and noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+@torch.no_grad()
+def reverse(
+    model: DiffusionModel,
+    x_t: torch.Tensor,
+    t_start: int,
+    steps: int,
+    gens: list[torch.Generator],
+    eta: float = 0.0,
+    project: Projection | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Run the reverse process from state t_start to 0 in `steps` UNet evaluations."""
+    grid = state_grid(t_start, steps)
+    x = x_t
+    for t, t_prev in zip(grid[:-1], grid[1:]):
+        eps = predict_eps(model, x, t, dtype)
+        noise = noise_like(x, gens) if eta > 0 else None
+        x, _ = ddim_step(x, eps, abar(model, t), abar(model, t_prev), eta, noise, project)
+    return x.clamp(-1, 1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

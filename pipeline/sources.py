@@ -1,0 +1,422 @@
+"""Image sources: Parquet, WebDataset and image-folder shards on any pyarrow filesystem, read by Ray Data's own readers.
+
+Every source comes out of :func:`read_source` as rows with the same columns, produced by one cheap per-block map
+fused into the read tasks:
+
+``key`` (str)
+    Unique row key. Parquet: the key column when the files have one, else ``{shard}:{row_index}``. WebDataset:
+    ``{shard}/{__key__}``. Image folder: the path relative to the root. ``{shard}`` is the shard's path relative to
+    the source root (its base name for a flat layout).
+``shard`` (str)
+    Path of the file the row came from, as the filesystem spells it (``bucket/prefix/...`` on S3).
+``image_bytes`` (binary)
+    The encoded image, untouched (null when a WebDataset sample has no image member).
+``label`` (int64)
+    The ground-truth label, ``-1`` when the source has none.
+the reader-native id column (see :func:`id_column`)
+    Kept as the reader produced it, because Ray Data's checkpointed resume filters rows on that column right after
+    the read and finds the finished ids in the output: ``path`` (image folder), ``__key__`` (WebDataset), the
+    Parquet key column when it is not called ``key``, or ``row_hash`` (Parquet without a key column).
+
+Nothing but file listings and one schema/header probe happens on the driver; rows stream through Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.storage import StorageError, check_readable, describe, resolve_filesystem, uri_path
+
+if TYPE_CHECKING:
+    import ray.data
+
+FORMATS = ("parquet", "webdataset", "imagefolder")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+_SHARD_EXTENSIONS = {"parquet": ("parquet",), "webdataset": ("tar",), "imagefolder": IMAGE_EXTENSIONS}
+# WebDataset members read as the label besides the configured label column name.
+_WDS_LABEL_MEMBERS = ("cls", "label", "class")
+# How many tar members of the first WebDataset shard to look at for an image before giving up.
+_WDS_PROBE_MEMBERS = 64
+# Row hashes that decode to a row index beyond this mean Ray changed its hash; keys then fall back to the hash.
+_MAX_PLAUSIBLE_ROW = 1 << 40
+
+NORMALISED_COLUMNS = ("key", "shard", "image_bytes", "label")
+
+
+class SourceError(StorageError):
+    """The source exists but cannot be used as configured (no shards, wrong columns, unreadable first shard)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the images are and how to read them.
+
+    ``uri``: a directory (scanned recursively for shards) or one shard, local or ``s3://bucket/prefix``.
+    ``format``: ``parquet`` | ``webdataset`` | ``imagefolder``.
+    ``image_column`` / ``key_column`` / ``label_column``: Parquet column names (``label_column`` also names the
+    WebDataset label member besides ``cls``); key and label columns are optional in the data, ``None`` ignores them.
+    ``endpoint_url``: S3-compatible endpoint (else env ``S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``).
+    ``limit``: read at most this many rows (applied after the read, so with a resumed job it counts new rows).
+    """
+
+    uri: str
+    format: str = "parquet"
+    image_column: str = "image"
+    key_column: str | None = "key"
+    label_column: str | None = "label"
+    endpoint_url: str | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown source format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+
+
+@dataclass
+class SourceInfo:
+    """What validation learned about a source; everything read_source needs besides the filesystem."""
+
+    root: str
+    shards: list[str] = field(default_factory=list)
+    has_key: bool = False
+    has_label: bool = False
+    classes: list[str] = field(default_factory=list)
+    id_column: str | None = None
+
+
+def _filesystem(spec: SourceSpec, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    if fs is None:
+        return resolve_filesystem(spec.uri, spec.endpoint_url)
+    # The caller's filesystem wins; only the path is taken from the URI (no second client is built).
+    return fs, uri_path(spec.uri)
+
+
+def _skipped(relative: str) -> bool:
+    # Same convention as Ray's directory expansion, applied to every path component so that checkpoint or
+    # temporary folders (_checkpoint/, .cache/) inside a source tree are never read as shards.
+    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+
+
+def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
+    return path.lower().rsplit(".", 1)[-1] in extensions if "." in posixpath.basename(path) else False
+
+
+def list_shards(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> list[str]:
+    """Sorted shard paths of a source (image files for ``imagefolder``); raises SourceError when there are none.
+
+    Access problems (missing bucket or path, credentials, endpoint) raise StorageError from the access check.
+    """
+    fs, root = _filesystem(spec, fs)
+    info = check_readable(fs, root)
+    extensions = _SHARD_EXTENSIONS[spec.format]
+    if info.type == pafs.FileType.File:
+        if spec.format == "imagefolder":
+            raise SourceError(f"imagefolder source must be a directory, got the file {describe(fs, root)}")
+        return [root]
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as e:
+        raise StorageError(f"cannot list {describe(fs, root)}: {e}") from e
+    prefix = root.rstrip("/") + "/"
+    shards = sorted(
+        i.path for i in infos
+        if i.type == pafs.FileType.File
+        and _has_extension(i.path, extensions)
+        and not _skipped(i.path[len(prefix):] if i.path.startswith(prefix) else posixpath.basename(i.path))
+    )
+    if not shards:
+        raise SourceError(
+            f"no {spec.format} shards (*.{' / *.'.join(extensions)}) under {describe(fs, root)}"
+        )
+    return shards
+
+
+def _list_classes(fs: pafs.FileSystem, root: str) -> list[str]:
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    except OSError as e:
+        raise StorageError(f"cannot list {describe(fs, root)}: {e}") from e
+    return sorted(
+        posixpath.basename(i.path.rstrip("/")) for i in infos
+        if i.type == pafs.FileType.Directory and not _skipped(posixpath.basename(i.path.rstrip("/")))
+    )
+
+
+def _inspect_parquet(fs: pafs.FileSystem, spec: SourceSpec, info: SourceInfo) -> None:
+    first = info.shards[0]
+    try:
+        schema = pq.read_schema(first, filesystem=fs)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot read the Parquet schema of {describe(fs, first)}: {e}") from e
+    names = schema.names
+    if spec.image_column not in names:
+        raise SourceError(
+            f"image column {spec.image_column!r} not found in {describe(fs, first)} (columns: {', '.join(names)})"
+        )
+    image_type = schema.field(spec.image_column).type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
+            or pa.types.is_binary_view(image_type)):
+        raise SourceError(
+            f"image column {spec.image_column!r} in {describe(fs, first)} has type {image_type}; expected binary "
+            "(encoded PNG/JPEG/WebP bytes)"
+        )
+    if spec.label_column and spec.label_column in names:
+        label_type = schema.field(spec.label_column).type
+        if not pa.types.is_integer(label_type):
+            raise SourceError(
+                f"label column {spec.label_column!r} in {describe(fs, first)} has type {label_type}; expected "
+                "integers (set label_column to another name or None to ignore it)"
+            )
+        info.has_label = True
+    if spec.key_column and spec.key_column in names:
+        key_type = schema.field(spec.key_column).type
+        if spec.key_column == "key" and not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
+            # The resume filter compares the reader's ids with the written ones, so the native column must keep
+            # its type; a non-string column called "key" would collide with the normalised string key.
+            raise SourceError(
+                f"key column 'key' in {describe(fs, first)} has type {key_type}; a column named 'key' must hold "
+                "strings (rename it, or set key_column to None to use file:row keys)"
+            )
+        info.has_key = True
+        info.id_column = spec.key_column
+    else:
+        info.id_column = "row_hash"
+
+
+def _inspect_webdataset(fs: pafs.FileSystem, spec: SourceSpec, info: SourceInfo) -> None:
+    """Read the first members of the first shard: a clear error now beats a failed Ray task later."""
+    first = info.shards[0]
+    members = 0
+    try:
+        with fs.open_input_stream(first) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                members += 1
+                if _has_extension(member.name, IMAGE_EXTENSIONS):
+                    break
+                if members >= _WDS_PROBE_MEMBERS:
+                    members = -1
+                    break
+            else:
+                members = -1
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise SourceError(f"cannot read the WebDataset shard {describe(fs, first)} as a tar file: {e}") from e
+    if members < 0:
+        raise SourceError(
+            f"no image member (*.{' / *.'.join(IMAGE_EXTENSIONS)}) among the first members of "
+            f"{describe(fs, first)}"
+        )
+    info.id_column = "__key__"
+
+
+def inspect_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> SourceInfo:
+    """Validate a source before any Ray work: access, shards, and (Parquet) the first shard's schema or
+    (WebDataset) the first shard's first members. Raises StorageError / SourceError with the file named."""
+    fs, root = _filesystem(spec, fs)
+    if spec.format == "imagefolder":
+        # Only the top level is listed here: Ray lists the tree itself, and listing millions of objects twice is
+        # what an image-folder source on S3 cannot afford.
+        if check_readable(fs, root).type != pafs.FileType.Directory:
+            raise SourceError(f"imagefolder source must be a directory: {describe(fs, root)}")
+        return SourceInfo(root=root, classes=_list_classes(fs, root), id_column="path")
+    info = SourceInfo(root=root, shards=list_shards(spec, fs))
+    if spec.format == "parquet":
+        _inspect_parquet(fs, spec, info)
+    else:
+        _inspect_webdataset(fs, spec, info)
+    return info
+
+
+def id_column(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> str | None:
+    """The reader-native unique column to give ``CheckpointConfig(id_column=...)`` for resumable jobs.
+
+    Parquet: the key column when the files have it, else ``row_hash`` (Ray's deterministic hash of file path and
+    row position, unique as long as the shards are not rewritten between runs). Image folder: ``path``.
+    WebDataset: ``__key__``, which Ray's reader makes unique only within one shard: a resumable WebDataset job
+    needs sample keys that are unique across all shards (e.g. a global running index).
+    """
+    return inspect_source(spec, fs).id_column
+
+
+def read_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> ray.data.Dataset:
+    """A streaming Ray Dataset of normalised rows (see the module docstring); validates the source first."""
+    import ray.data
+
+    fs, _ = _filesystem(spec, fs)
+    info = inspect_source(spec, fs)
+    if spec.format == "parquet":
+        ds = ray.data.read_parquet(info.shards, filesystem=fs, include_paths=True, include_row_hash=not info.has_key)
+        columns = [spec.image_column, "path"]
+        columns += [spec.key_column] if info.has_key else ["row_hash"]
+        columns += [spec.label_column] if info.has_label else []
+        # Projection is pushed into the reader: other (maybe large) columns are never fetched.
+        ds = ds.select_columns(columns)
+        fn, kwargs = _normalise_parquet, {
+            "root": info.root, "image_column": spec.image_column,
+            "key_column": spec.key_column if info.has_key else None,
+            "label_column": spec.label_column if info.has_label else None,
+        }
+    elif spec.format == "webdataset":
+        ds = ray.data.read_webdataset(info.shards, filesystem=fs, decoder=None)
+        fn, kwargs = _normalise_webdataset, {"root": info.root, "label_column": spec.label_column}
+    else:
+        ds = ray.data.read_binary_files(
+            info.root, filesystem=fs, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS)
+        )
+        fn, kwargs = _normalise_imagefolder, {"root": info.root, "classes": info.classes}
+    if spec.limit is not None:
+        ds = ds.limit(spec.limit)
+    # batch_size=None maps whole blocks, so the map fuses into the read tasks at no extra copy.
+    return ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
+
+
+# --- per-block normalisation (runs in Ray workers; plain functions so they pickle) ---------------------------------
+
+def _relative(path: str, root: str) -> str:
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+
+
+def _relative_array(paths: pa.Array | pa.ChunkedArray, root: str) -> list[str]:
+    # Blocks usually hold one or a few shards: compute each distinct name once.
+    values = paths.to_pylist()
+    names = {p: _relative(p, root) for p in set(values)}
+    return [names[p] for p in values]
+
+
+def _labels(column: pa.ChunkedArray | pa.Array | None, n: int) -> pa.Array:
+    if column is None:
+        return pa.array(np.full(n, -1, dtype=np.int64))
+    return pc.fill_null(pc.cast(column, pa.int64()), -1)
+
+
+def _as_binary(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column if column.type == pa.binary() else pc.cast(column, pa.binary())
+
+
+def _row_index(paths: list[str], row_hash: np.ndarray) -> np.ndarray:
+    """Invert Ray's ``row_hash`` (md5(path) seed + row position, through the splitmix64 finaliser) to the row's
+    position in its file, so that keyless Parquet rows get readable ``file:row`` keys. Any inverse of a bijection
+    keeps distinct hashes distinct, so keys stay unique even if Ray ever changes the formula."""
+    x = row_hash.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= (x >> np.uint64(31)) ^ (x >> np.uint64(62))
+        x *= np.uint64(0x319642B2D24D8EC3)
+        x ^= (x >> np.uint64(27)) ^ (x >> np.uint64(54))
+        x *= np.uint64(0x96DE1B173F119089)
+        x ^= (x >> np.uint64(30)) ^ (x >> np.uint64(60))
+        seeds: dict[str, np.uint64] = {}
+        for p in set(paths):
+            seeds[p] = np.uint64(int.from_bytes(hashlib.md5(p.encode("utf-8")).digest()[:8], "little"))
+        x -= np.array([seeds[p] for p in paths], dtype=np.uint64)
+    return x
+
+
+def _normalise_parquet(
+    table: pa.Table, root: str, image_column: str, key_column: str | None, label_column: str | None
+) -> pa.Table:
+    n = table.num_rows
+    paths = table["path"].to_pylist()
+    names = _relative_array(table["path"], root)
+    if key_column is not None:
+        keys = pc.cast(table[key_column], pa.string())
+        native = [(key_column, table[key_column])] if key_column != "key" else []
+    else:
+        hashes = table["row_hash"].to_numpy()
+        rows = _row_index(paths, hashes)
+        keys = pa.array([
+            f"{name}:{row}" if row < _MAX_PLAUSIBLE_ROW else f"{name}:h{h:016x}"
+            for name, row, h in zip(names, rows.tolist(), hashes.tolist(), strict=True)
+        ], type=pa.string())
+        native = [("row_hash", table["row_hash"])]
+    columns = {
+        "key": keys,
+        "shard": table["path"],
+        "image_bytes": _as_binary(table[image_column]),
+        "label": _labels(table[label_column] if label_column else None, n),
+    }
+    columns.update(native)
+    return pa.table(columns)
+
+
+def _parse_label(value: object) -> int:
+    if value is None:
+        return -1
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return -1
+
+
+def _normalise_webdataset(table: pa.Table, root: str, label_column: str | None) -> pa.Table:
+    n = table.num_rows
+    members = [c for c in table.column_names if not c.startswith("__")]
+    # "0001.input.png" groups as suffix "input.png": the last extension decides what a member is.
+    image_members = sorted(
+        (c for c in members if c.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS),
+        key=lambda c: IMAGE_EXTENSIONS.index(c.lower().rsplit(".", 1)[-1]),
+    )
+    image_values: list[bytes | None] = [None] * n
+    for member in image_members:  # the first image member present in a sample wins
+        for i, value in enumerate(table[member].to_pylist()):
+            if image_values[i] is None and value is not None:
+                image_values[i] = value
+    label_names = list(dict.fromkeys(([label_column] if label_column else []) + list(_WDS_LABEL_MEMBERS)))
+
+    def label_rank(member: str) -> int:
+        # "cls" and "cls.txt" both name the label; the configured name outranks the conventional ones.
+        name = member.lower()
+        name = name if name in label_names else name.rsplit(".", 1)[0]
+        return label_names.index(name) if name in label_names else -1
+
+    label_members = sorted((c for c in members if label_rank(c) >= 0), key=label_rank)
+    labels = [-1] * n
+    for member in label_members:  # the configured label member first, then cls / label / class
+        for i, value in enumerate(table[member].to_pylist()):
+            if labels[i] == -1:
+                labels[i] = _parse_label(value)
+    shard_names = _relative_array(table["__url__"], root)
+    wds_keys = table["__key__"].to_pylist()
+    return pa.table({
+        "key": pa.array([f"{s}/{k}" for s, k in zip(shard_names, wds_keys, strict=True)], type=pa.string()),
+        "shard": pc.cast(table["__url__"], pa.string()),
+        "image_bytes": pa.array(image_values, type=pa.binary()),
+        "label": pa.array(labels, type=pa.int64()),
+        "__key__": pc.cast(table["__key__"], pa.string()),
+    })
+
+
+def _normalise_imagefolder(table: pa.Table, root: str, classes: list[str]) -> pa.Table:
+    class_index = {c: i for i, c in enumerate(classes)}
+    relative = _relative_array(table["path"], root)
+    labels = [class_index.get(r.split("/", 1)[0], -1) if "/" in r else -1 for r in relative]
+    return pa.table({
+        "key": pa.array(relative, type=pa.string()),
+        "shard": table["path"],
+        "image_bytes": _as_binary(table["bytes"]),
+        "label": pa.array(labels, type=pa.int64()),
+        "path": table["path"],
+    })
+
+
+__all__ = [
+    "FORMATS", "IMAGE_EXTENSIONS", "NORMALISED_COLUMNS", "SourceError", "SourceInfo", "SourceSpec",
+    "id_column", "inspect_source", "list_shards", "read_source",
+]

@@ -1,0 +1,182 @@
+"""Purification core on a tiny random UNet: the properties each method promises, independent of training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from pipeline.purify import build_purifier
+from pipeline.purify.cascade import Cascade, majority
+from pipeline.purify.degradations import parse_degradation
+from pipeline.purify.models import DiffusionModel
+from pipeline.purify.sdedit import SDEdit
+from pipeline.purify.ssim import ssim_map
+from pipeline.purify.zip import ZIP
+from pipeline.purify.sampdetox import SampDetox
+
+
+def tiny_model(channels: int = 1, size: int = 16) -> DiffusionModel:
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4).eval()
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    return DiffusionModel(unet, sched.alphas_cumprod.double(), size, channels, "tiny")
+
+
+@pytest.fixture(scope="module")
+def model() -> DiffusionModel:
+    return tiny_model()
+
+
+def batch(n: int, size: int = 16, channels: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, channels, size, size), dtype=np.uint8)
+
+
+KEYS7 = [f"img-{i}" for i in range(7)]
+
+
+@pytest.mark.parametrize("method,params", [
+    ("sdedit", {"t_start": 100, "steps": 4}),
+    ("zip", {"degradation": "pool2", "t_start": 100, "steps": 4}),
+    ("sampdetox", {"t1": 10, "t2": 40, "steps1": 3, "steps2": 5}),
+])
+def test_same_result_alone_or_in_a_batch(model, method, params):
+    p = build_purifier(method, model, params)
+    imgs = batch(7)
+    full = p(imgs, KEYS7, seed=3)
+    alone = p(imgs[4:5], KEYS7[4:5], seed=3)
+    assert torch.allclose(full.images[4], alone.images[0], atol=1e-5)
+    assert np.array_equal(full.uint8()[4], alone.uint8()[0])
+    assert full.nfe[4] == alone.nfe[0]
+    # A different seed or key gives different noise.
+    other = p(imgs[4:5], ["img-x"], seed=3)
+    assert not torch.allclose(other.images[0], alone.images[0])
+
+
+def test_nfe_counts_exact(model):
+    imgs = batch(3)
+    assert SDEdit(model, t_start=200, steps=7)(imgs, ["a", "b", "c"]).nfe.tolist() == [7, 7, 7]
+    assert ZIP(model, t_start=300, steps=5)(imgs, ["a", "b", "c"]).nfe.tolist() == [5, 5, 5]
+    calls = []
+    hook = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        res = SampDetox(model, t1=8, t2=30, steps1=4, steps2=6)(imgs, ["a", "b", "c"])
+    finally:
+        hook.remove()
+    # Every UNet row evaluated is counted against exactly one image.
+    assert int(res.nfe.sum()) == sum(calls)
+    assert (res.nfe >= 4).all() and (res.nfe <= 10).all()
+
+
+@pytest.mark.parametrize("deg", ["pool2", "pool4", "gray+pool2"])
+def test_zip_output_is_consistent_with_the_measurement(deg):
+    channels = 3 if "gray" in deg else 1
+    m = tiny_model(channels)
+    imgs = np.random.default_rng(1).integers(96, 160, (5, channels, 16, 16), dtype=np.uint8)
+    z = ZIP(m, degradation=deg, t_start=300, steps=4)
+    op = parse_degradation(deg)
+    x = torch.as_tensor(imgs).float() / 127.5 - 1
+    # The DDNM projection itself is exact: A(project(anything)) = A(x).
+    project, start = z.projection(x)
+    anything = torch.randn_like(x)
+    assert torch.allclose(op(project(anything)), op(x), atol=1e-5)
+    assert torch.allclose(op(start), op(x), atol=1e-5)
+    # End to end, exact up to the final clamp to [-1, 1] (rarely active for mid-range images).
+    out = z(imgs, [str(i) for i in range(5)]).images
+    assert (op(out) - op(x)).abs().mean() < 3e-2
+    assert (op(out) - op(x)).abs().mean() < 0.1 * (op(torch.rand_like(x) * 2 - 1) - op(x)).abs().mean()
+
+
+def test_zip_blur_consistency_is_approximate(model):
+    imgs = batch(3)
+    out = ZIP(model, degradation="blur1", t_start=300, steps=4)(imgs, ["a", "b", "c"]).images
+    op = parse_degradation("blur1")
+    x = torch.as_tensor(imgs).float() / 127.5 - 1
+    rand = torch.rand_like(x) * 2 - 1
+    assert (op(out) - op(x)).abs().mean() < 0.5 * (op(rand) - op(x)).abs().mean()
+
+
+def test_sampdetox_noise_map_high_on_a_changed_patch_low_elsewhere(model):
+    x = torch.full((1, 1, 16, 16), -0.5)
+    x_bar = x.clone()
+    x[..., 11:14, 11:14] = 1.0  # a bright 3x3 patch that stage 1 removed (x_bar keeps the background)
+    sd = SampDetox(model, t1=20, t2=120)
+    lv = sd.noise_levels(x, x_bar)[0, 0]
+    assert lv[11:14, 11:14].float().mean() > 80
+    assert lv[:6, :6].max() == 0
+    assert lv.max() <= 120
+
+
+def test_ssim_map_matches_skimage():
+    from skimage.metrics import structural_similarity
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 1, 20, 20, generator=g) * 2 - 1
+    b = (a + 0.3 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    ours = ssim_map(a, b)
+    for i in range(2):
+        _, ref = structural_similarity(a[i, 0].numpy(), b[i, 0].numpy(), full=True, gaussian_weights=True,
+                                       sigma=1.5, use_sample_covariance=False, data_range=2.0)
+        assert np.abs(ours[i, 0].numpy() - ref).max() < 1e-4
+
+
+def test_bad_input_raises_clear_errors(model):
+    p = SDEdit(model, t_start=50, steps=2)
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        p(np.zeros((16, 16), np.uint8), ["a"])
+    with pytest.raises(TypeError, match="uint8 or float"):
+        p(np.zeros((1, 1, 16, 16), np.int32), ["a"])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        p(np.full((1, 1, 16, 16), 3.0, np.float32), ["a"])
+    with pytest.raises(ValueError, match="channel"):
+        p(np.zeros((1, 3, 16, 16), np.uint8), ["a"])
+    with pytest.raises(ValueError, match="keys"):
+        p(np.zeros((2, 1, 16, 16), np.uint8), ["a"])
+    with pytest.raises(ValueError, match="size_policy='error'"):
+        SDEdit(model, t_start=50, steps=2, size_policy="error")(np.zeros((1, 1, 12, 12), np.uint8), ["a"])
+    with pytest.raises(ValueError, match="steps"):
+        SDEdit(model, t_start=5, steps=10)
+    with pytest.raises(ValueError, match="divisible"):
+        ZIP(tiny_model(size=18), degradation="pool4")
+    with pytest.raises(TypeError, match="bad params"):
+        build_purifier("sdedit", model, {"nonsense": 1})
+    with pytest.raises(ValueError, match="unknown method"):
+        build_purifier("magic", model)
+
+
+def test_size_policies_return_the_input_size(model):
+    imgs = batch(2, size=12)
+    for policy in ("resize", "pad"):
+        out = SDEdit(model, t_start=50, steps=2, size_policy=policy)(imgs, ["a", "b"])
+        assert out.images.shape == (2, 1, 12, 12)
+    assert SDEdit(model, t_start=50, steps=2)(imgs.astype(np.float32) / 255, ["a", "b"]).images.shape[-1] == 12
+
+
+def test_majority_vote_ties_and_missing():
+    votes = np.array([[1, 2, 2], [3, -1, -1], [4, 5, -1], [-1, -1, -1]])
+    labels, agree = majority(votes)
+    assert labels.tolist() == [2, 3, 4, -1]
+    assert agree.tolist() == pytest.approx([2 / 3, 1.0, 0.5, 0.0])
+
+
+def test_cascade_escalates_only_flipped_rows(model):
+    imgs = batch(6)
+    flip_keys = {1, 4}
+
+    def classify(x: np.ndarray) -> np.ndarray:
+        # A stand-in black box: labels by mean brightness; rows 1 and 4 of the *original* batch get label 9.
+        lab = (x.reshape(len(x), -1).mean(1) > 127).astype(np.int64)
+        if x is imgs or np.array_equal(x, imgs):
+            lab[list(flip_keys)] = 9
+        return lab
+
+    c = Cascade(SDEdit(model, t_start=60, steps=3), k=3)
+    out = c.run(imgs, [str(i) for i in range(6)], seed=0, classify=classify)
+    flipped = np.flatnonzero(out.flagged)
+    assert set(flipped) >= flip_keys
+    assert all(out.nfe[i] == 9 for i in flipped)
+    assert all(out.nfe[i] == 3 for i in set(range(6)) - set(flipped))
+    assert out.images.shape == imgs.shape and out.images.dtype == np.uint8

@@ -1,0 +1,432 @@
+"""Sources (Parquet / WebDataset / image folder, local and S3 through Ray), decoding of bad inputs, the output
+schema, and fail-fast storage checks."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import tarfile
+import time
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from pipeline.decode import decode_batch, decode_image, decode_png, encode_png
+from pipeline.sink import OUTPUT_SCHEMA, output_schema, to_output_batch, write_output
+from pipeline.sources import SourceError, SourceSpec, id_column, inspect_source, list_shards, read_source
+from pipeline.storage import StorageError, check_readable, check_writable, describe, resolve_filesystem
+from tests.plugins.s3 import make_fmnist_shards
+
+HYPOTHESIS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _save(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+# --- reading through Ray ----------------------------------------------------------------------------------------------
+
+def _location(where: str, tmp_path, s3_server) -> tuple[pafs.FileSystem, str, str | None]:
+    if where == "local":
+        return pafs.LocalFileSystem(), str(tmp_path / "src"), None
+    bucket = s3_server.make_bucket()
+    return s3_server.filesystem(), f"{bucket}/data/in", s3_server.endpoint_url
+
+
+def _rows(ds) -> list[dict]:
+    return [row for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in batch.to_pylist()]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset", "imagefolder"])
+def test_read_every_key_once(ray_local, tmp_path, s3_server, fmt, where):
+    fs, root, endpoint = _location(where, tmp_path, s3_server)
+    shards = make_fmnist_shards(fs, root, n_shards=3, per_shard=7, fmt=fmt)
+    spec = SourceSpec(uri=shards.uri, format=fmt, endpoint_url=endpoint)
+    native = id_column(spec)
+    assert native == {"parquet": "key", "webdataset": "__key__", "imagefolder": "path"}[fmt]
+
+    rows = _rows(read_source(spec))
+
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == len(shards.expected)
+    assert set(keys) == set(shards.expected)
+    assert all(r["label"] == shards.expected[r["key"]] for r in rows)
+    assert {r["shard"] for r in rows} <= set(shards.paths)
+    assert len({r[native] for r in rows}) == len(rows), "the resume id column must be unique"
+    for r in rows[:5]:
+        assert np.array_equal(decode_png(r["image_bytes"])[0], shards.images[r["key"]])
+
+
+def test_parquet_without_key_and_label_columns(ray_local, tmp_path):
+    fs = pafs.LocalFileSystem()
+    shards = make_fmnist_shards(fs, str(tmp_path / "nokey"), 2, 9, "parquet", with_keys=False, with_labels=False)
+    spec = SourceSpec(uri=shards.uri)
+    assert id_column(spec) == "row_hash"
+    rows = _rows(read_source(spec))
+    assert sorted(r["key"] for r in rows) == sorted(shards.expected)  # "shard-00000.parquet:<row>"
+    assert {r["label"] for r in rows} == {-1}
+    assert len({r["row_hash"] for r in rows}) == len(rows)
+
+
+def test_limit_and_decode_in_ray(ray_local, tmp_path):
+    fs = pafs.LocalFileSystem()
+    shards = make_fmnist_shards(fs, str(tmp_path / "lim"), 2, 10, "parquet")
+    ds = read_source(SourceSpec(uri=shards.uri, limit=7)).map_batches(
+        decode_batch, batch_format="numpy", fn_kwargs={"size": 28, "channels": 1}
+    )
+    rows = ds.take_all()
+    assert len(rows) == 7
+    for r in rows:
+        assert r["error"] is None and "image_bytes" not in r
+        assert np.array_equal(r["image"][0], shards.images[r["key"]])
+
+
+def test_pipeline_writes_output_schema_to_s3(ray_local, s3_server):
+    bucket = s3_server.make_bucket()
+    fs = s3_server.filesystem()
+    shards = make_fmnist_shards(fs, f"{bucket}/in", 2, 6, "webdataset")
+    spec = SourceSpec(uri=shards.uri, format="webdataset", endpoint_url=s3_server.endpoint_url)
+
+    def fake_stages(batch: dict) -> pa.Table:
+        n = len(batch["key"])
+        batch["purified"] = batch["image"]
+        batch["pred_orig"] = batch["label"]
+        batch["pred_purified"] = np.where(np.arange(n) % 2 == 0, batch["label"], (batch["label"] + 1) % 10)
+        batch["score_orig"] = np.full(n, 0.9, dtype=np.float32)
+        batch["score_purified"] = np.full(n, 0.8, dtype=np.float32)
+        batch["nfe"] = np.full(n, 4.0, dtype=np.float32)
+        return to_output_batch(batch, method="zip", params={"t": 100}, keep_orig=True, id_column="__key__")
+
+    ds = read_source(spec).map_batches(decode_batch, batch_format="numpy", fn_kwargs={"size": 28, "channels": 1})
+    write_output(ds.map_batches(fake_stages, batch_format="numpy"), f"s3://{bucket}/out", fs)
+
+    table = pq.read_table(f"{bucket}/out", filesystem=fs)
+    assert table.schema.equals(output_schema(keep_orig=True, id_column="__key__"), check_metadata=False)
+    assert sorted(table["key"].to_pylist()) == sorted(shards.expected)
+    flagged = dict(zip(table["key"].to_pylist(), table["flagged"].to_pylist(), strict=True))
+    assert sum(flagged.values()) == len(shards.expected) // 2
+    for key, png in zip(table["key"].to_pylist(), table["image_png"].to_pylist(), strict=True):
+        assert np.array_equal(decode_png(png)[0], shards.images[key])
+    assert json.loads(table["params"][0].as_py()) == {"t": 100}
+
+
+# --- validation before any Ray work -----------------------------------------------------------------------------------
+
+def test_parquet_missing_image_column_names_the_file(tmp_path):
+    pq.write_table(pa.table({"img": [b"x"], "label": [1]}), tmp_path / "a.parquet")
+    with pytest.raises(SourceError, match=r"image column 'image' not found in .*a\.parquet"):
+        inspect_source(SourceSpec(uri=str(tmp_path)))
+
+
+def test_parquet_bad_column_types(tmp_path):
+    pq.write_table(pa.table({"image": ["text"], "label": [1]}), tmp_path / "s.parquet")
+    with pytest.raises(SourceError, match="has type string; expected binary"):
+        inspect_source(SourceSpec(uri=str(tmp_path / "s.parquet")))
+    pq.write_table(pa.table({"image": [b"x"], "label": ["cat"]}), tmp_path / "s.parquet")
+    with pytest.raises(SourceError, match="label column 'label' .* expected integers"):
+        inspect_source(SourceSpec(uri=str(tmp_path / "s.parquet")))
+    info = inspect_source(SourceSpec(uri=str(tmp_path / "s.parquet"), label_column=None))
+    assert not info.has_label
+
+
+def test_unreadable_shards_name_the_file(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(SourceError, match=r"bad\.parquet"):
+        inspect_source(SourceSpec(uri=str(tmp_path / "p")))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "bad.tar").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(SourceError, match=r"bad\.tar"):
+        inspect_source(SourceSpec(uri=str(tmp_path / "w"), format="webdataset"))
+    with tarfile.open(tmp_path / "w" / "bad.tar", "w") as tar:
+        info = tarfile.TarInfo("0001.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(SourceError, match=r"no image member .*bad\.tar"):
+        inspect_source(SourceSpec(uri=str(tmp_path / "w"), format="webdataset"))
+
+
+def test_shard_listing_rules(tmp_path):
+    with pytest.raises(SourceError, match="no parquet shards"):
+        list_shards(SourceSpec(uri=str(tmp_path)))
+    for rel in ["b.parquet", "a.parquet", "sub/c.PARQUET", "_checkpoint/x.parquet", ".hidden.parquet", "notes.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert [p.rsplit("/", 1)[-1] for p in list_shards(SourceSpec(uri=str(tmp_path)))] == [
+        "a.parquet", "b.parquet", "c.PARQUET"]
+    with pytest.raises(SourceError, match="must be a directory"):
+        list_shards(SourceSpec(uri=str(tmp_path / "a.parquet"), format="imagefolder"))
+    with pytest.raises(ValueError, match="unknown source format"):
+        SourceSpec(uri="x", format="csv")
+
+
+def test_imagefolder_without_class_dirs_has_no_labels(tmp_path):
+    (tmp_path / "x.png").write_bytes(_png(np.zeros((4, 4), np.uint8)))
+    info = inspect_source(SourceSpec(uri=str(tmp_path), format="imagefolder"))
+    assert info.classes == [] and info.id_column == "path"
+
+
+# --- fail fast on storage -----------------------------------------------------------------------------------------------
+
+def test_missing_bucket_fails_fast(s3_server):
+    spec = SourceSpec(uri="s3://no-such-bucket-here/x", endpoint_url=s3_server.endpoint_url)
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' .* does not exist"):
+        list_shards(spec)
+    fs, path = resolve_filesystem("s3://no-such-bucket-here/out", s3_server.endpoint_url)
+    with pytest.raises(StorageError, match="does not exist; create it first"):
+        check_writable(fs, path)
+    assert time.monotonic() - t0 < 10
+
+
+def test_wrong_path_fails_fast(s3_server):
+    bucket = s3_server.make_bucket()
+    with pytest.raises(StorageError, match=rf"no such file or directory: s3://{bucket}/nothing/here at http://"):
+        list_shards(SourceSpec(uri=f"s3://{bucket}/nothing/here", endpoint_url=s3_server.endpoint_url))
+
+
+def test_closed_port_fails_fast_with_clear_message():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    fs, path = resolve_filesystem("s3://bucket/prefix", f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=r"cannot reach the storage endpoint .* after 2 attempt"):
+        check_readable(fs, path, attempts=2, backoff_s=0.05)
+    assert time.monotonic() - t0 < 30
+
+
+class _RefusingFS:
+    """Stands in for an S3 filesystem whose credentials are rejected (moto does not check credentials)."""
+
+    type_name = "s3"
+    calls = 0
+
+    def get_file_info(self, path):
+        self.calls += 1
+        raise OSError("When getting information for key 'p' in bucket 'b': AWS Error ACCESS_DENIED during "
+                      "HeadObject operation: No response body. HTTP response code 403")
+
+
+def test_bad_credentials_are_not_retried_and_not_shown(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    fs = _RefusingFS()
+    with pytest.raises(StorageError, match="credentials are missing, wrong or lack permission") as err:
+        check_readable(fs, "b/p", attempts=3, backoff_s=0.01)
+    assert fs.calls == 1
+    assert "very-secret-value" not in str(err.value)
+
+
+def test_writable_checks(tmp_path, s3_server):
+    check_writable(pafs.LocalFileSystem(), str(tmp_path / "out" / "deep"))
+    assert list((tmp_path / "out" / "deep").iterdir()) == []  # the probe is removed
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageError, match="is an existing file"):
+        check_writable(pafs.LocalFileSystem(), str(tmp_path / "file"))
+    bucket = s3_server.make_bucket()
+    fs, path = resolve_filesystem(f"s3://{bucket}/results/", s3_server.endpoint_url)
+    check_writable(fs, path)
+    check_writable(fs, bucket)
+
+
+def test_resolve_filesystem(monkeypatch, tmp_path):
+    fs, path = resolve_filesystem(str(tmp_path / "a"))
+    assert fs.type_name == "local" and path == str(tmp_path / "a")
+    assert resolve_filesystem(f"file://{tmp_path}/b")[1] == f"{tmp_path}/b"
+    monkeypatch.setenv("S3_ENDPOINT_URL", "https://minio.internal:9000")
+    fs, path = resolve_filesystem("s3://bucket/some/prefix/")
+    assert path == "bucket/some/prefix"
+    assert describe(fs, path) == "s3://bucket/some/prefix at https://minio.internal:9000"
+    fs, _ = resolve_filesystem("s3://bucket", endpoint_url="http://127.0.0.1:1")
+    assert describe(fs, "bucket").endswith("at http://127.0.0.1:1")
+    with pytest.raises(StorageError, match="no bucket"):
+        resolve_filesystem("s3:///x")
+
+
+# --- decoding: every bad input is an error row -------------------------------------------------------------------------
+
+GREY = (np.arange(28 * 28).reshape(28, 28) % 251).astype(np.uint8)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming a huge image, with almost no data behind it."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(
+        b"IEND", b"")
+
+
+@pytest.mark.parametrize(("data", "kwargs", "reason"), [
+    (None, {}, "missing image"),
+    (b"", {}, "empty image"),
+    (b"this is not an image at all", {}, "not an image"),
+    (_png(GREY)[:60], {}, "truncated or corrupt image"),
+    (_png(GREY)[: len(_png(GREY)) // 2], {}, "truncated or corrupt image"),
+    (_save(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)), "JPEG")[:900], {},
+     "truncated or corrupt image"),
+    (_bomb_png(100_000, 100_000), {}, "image too large"),
+    (_png(GREY), {"max_pixels": 100}, "image too large (28x28 pixels)"),
+    (_png(GREY), {"max_bytes": 100}, "image too large ("),
+    (_png(np.zeros((20, 30), np.uint8)), {"policy": "reject"}, "wrong size 20x30"),
+])
+def test_bad_inputs_become_error_rows(data, kwargs, reason):
+    batch = {"image_bytes": np.array([data, _png(GREY)], dtype=object), "key": np.array(["bad", "good"]),
+             "label": np.array([3, 4]), "shard": np.array(["s", "s"]), "path": np.array(["p1", "p2"])}
+    out = decode_batch(batch, size=28, channels=1, **kwargs)
+    assert out["error"][0].startswith(reason)
+    assert not out["image"][0].any()
+    assert out["error"][1] is None and np.array_equal(out["image"][1, 0], GREY)
+    assert list(out["key"]) == ["bad", "good"] and list(out["path"]) == ["p1", "p2"] and "image_bytes" not in out
+
+
+def test_pil_bomb_warning_becomes_error_row(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 784 px: past PIL's warning level, short of its error
+    assert decode_image(_png(GREY), 28, 1) == (None, "image too large")
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    values = np.linspace(0, 65535, 28 * 28).round().astype(np.uint16).reshape(28, 28)
+    img = Image.fromarray(values)
+    assert img.mode == "I;16"
+    arr, err = decode_image(_save(img, "PNG"), 28, 1)
+    assert err is None
+    expected = ((values.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    assert np.array_equal(arr[0], expected) and arr.max() == 255 and arr.min() == 0
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "LA", "RGBA", "RGB", "L", "1"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_modes_convert_to_channels(mode, channels):
+    rgba = np.random.default_rng(1).integers(0, 256, (28, 28, 4), dtype=np.uint8)
+    img = Image.fromarray(rgba, "RGBA").convert(mode)
+    data = _save(img, "TIFF" if mode == "CMYK" else "PNG")
+    arr, err = decode_image(data, 28, channels)
+    assert err is None and arr.shape == (channels, 28, 28) and arr.dtype == np.uint8
+    reference = Image.open(io.BytesIO(data))
+    if reference.mode in ("P", "PA"):
+        reference = reference.convert("RGBA")
+    expected = np.asarray(reference.convert("L" if channels == 1 else "RGB"))
+    assert np.array_equal(arr, expected[None] if channels == 1 else expected.transpose(2, 0, 1))
+
+
+def test_size_policies():
+    small = np.full((20, 10), 200, np.uint8)
+    arr, _ = decode_image(_png(small), 28, 1, "pad")
+    assert arr.shape == (1, 28, 28) and arr[0, 4:24, 9:19].min() == 200 and arr.sum() == 200 * 20 * 10
+    big = np.arange(40 * 40, dtype=np.int64).reshape(40, 40).astype(np.uint8)
+    arr, _ = decode_image(_png(big), 28, 1, "pad")
+    assert np.array_equal(arr[0], big[6:34, 6:34])
+    arr, _ = decode_image(_png(big), 28, 1, "resize")
+    expected = np.asarray(Image.fromarray(big).resize((28, 28), Image.Resampling.BILINEAR))
+    assert np.array_equal(arr[0], expected)
+    large_jpeg = _save(Image.fromarray(np.full((400, 300, 3), 90, np.uint8)), "JPEG")
+    arr, err = decode_image(large_jpeg, 28, 3, "resize")
+    assert err is None and arr.shape == (3, 28, 28) and abs(int(arr.mean()) - 90) <= 2
+    with pytest.raises(ValueError, match="size policy"):
+        decode_batch({"image_bytes": np.array([], dtype=object)}, 28, 1, "stretch")
+
+
+def test_empty_batch():
+    out = decode_batch({"image_bytes": np.array([], dtype=object), "key": np.array([], dtype=object)}, 28, 3)
+    assert out["image"].shape == (0, 3, 28, 28) and out["error"].shape == (0,)
+
+
+# --- property tests -------------------------------------------------------------------------------------------------------
+
+images_strategy = st.tuples(
+    st.integers(1, 3), st.sampled_from([1, 3]), st.integers(1, 24), st.integers(1, 24)
+).flatmap(lambda s: hnp.arrays(np.uint8, s))
+
+
+@HYPOTHESIS
+@given(images_strategy)
+def test_png_round_trip(images):
+    decoded = [decode_png(png) for png in encode_png(images)]
+    assert all(np.array_equal(d, img) for d, img in zip(decoded, images, strict=True))
+
+
+@HYPOTHESIS
+@given(st.tuples(st.integers(1, 3), st.sampled_from([1, 3]), st.integers(1, 24)).flatmap(
+    lambda s: hnp.arrays(np.uint8, (s[0], s[1], s[2], s[2]))))
+def test_decode_batch_round_trip(images):
+    n, c, size, _ = images.shape
+    out = decode_batch({"image_bytes": np.array(encode_png(images), dtype=object)}, size=size, channels=c)
+    assert list(out["error"]) == [None] * n
+    assert np.array_equal(out["image"], images)
+
+
+@st.composite
+def output_batches(draw):
+    n = draw(st.integers(0, 6))
+    maybe_int = st.one_of(st.integers(-1, 9), st.none())
+    maybe_float = st.one_of(st.floats(0, 1, width=32), st.just(float("nan")))
+    return {
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "shard": np.array(["s.tar"] * n, dtype=object),
+        "label": np.array(draw(st.lists(st.integers(-1, 9), min_size=n, max_size=n)), dtype=np.int64),
+        "image": draw(hnp.arrays(np.uint8, (n, 1, 4, 4))),
+        "purified": draw(hnp.arrays(np.uint8, (n, 1, 4, 4))),
+        "pred_orig": draw(st.lists(maybe_int, min_size=n, max_size=n)),
+        "pred_purified": np.array(draw(st.lists(st.integers(-1, 9), min_size=n, max_size=n)), dtype=np.int64),
+        "score_orig": np.array(draw(st.lists(maybe_float, min_size=n, max_size=n)), dtype=np.float32),
+        "flag_score": draw(st.lists(maybe_float, min_size=n, max_size=n)),
+        "nfe": np.array(draw(st.lists(st.floats(0, 64, width=32), min_size=n, max_size=n)), dtype=np.float32),
+        "error": np.array(draw(st.lists(st.sampled_from([None, "not an image"]), min_size=n, max_size=n)),
+                          dtype=object),
+        "__key__": np.array([f"{i:04d}" for i in range(n)], dtype=object),
+    }
+
+
+@HYPOTHESIS
+@given(output_batches(), st.booleans())
+def test_output_batch_schema(batch, keep_orig):
+    table = to_output_batch(batch, method="sdedit", params={"b": 1, "a": [2]}, keep_orig=keep_orig,
+                            id_column="__key__")
+    n = len(batch["key"])
+    assert table.num_rows == n
+    assert table.schema.equals(output_schema(keep_orig, "__key__"), check_metadata=False)
+    assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    for name in ("key", "shard", "method", "params", "nfe"):
+        assert table[name].null_count == 0
+    assert set(table["params"].to_pylist()) <= {'{"a":[2],"b":1}'}
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        bad = batch["error"][i] is not None
+        assert row["error"] == batch["error"][i]
+        assert (row["image_png"] is None) == bad
+        if keep_orig:
+            assert (row["image_orig_png"] is None) == bad
+            if not bad:
+                assert np.array_equal(decode_png(row["image_orig_png"]), batch["image"][i])
+        if not bad:
+            assert np.array_equal(decode_png(row["image_png"]), batch["purified"][i])
+        label = int(batch["label"][i])
+        assert row["label"] == (label if label >= 0 else None)
+        po, pp = batch["pred_orig"][i], int(batch["pred_purified"][i])
+        expect_po = None if bad or po is None or po < 0 else po
+        expect_pp = None if bad or pp < 0 else pp
+        assert (row["pred_orig"], row["pred_purified"]) == (expect_po, expect_pp)
+        expect_flag = None if expect_po is None or expect_pp is None else expect_po != expect_pp
+        assert row["flagged"] == expect_flag
+        assert row["score_orig"] is None or not bad
+        assert row["__key__"] == batch["__key__"][i]
