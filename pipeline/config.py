@@ -60,6 +60,7 @@ class BlackBoxConfig(_Section):
     query_budget: int | None = None
     auth_env: str | None = None  # name of the env var holding a bearer token (never the token itself)
     header_env: dict[str, str] = Field(default_factory=dict)
+    class_names: list[str] | None = None  # for reports; index = label
 
 
 class ResourcesConfig(_Section):
@@ -70,6 +71,12 @@ class ResourcesConfig(_Section):
     query_actors: int = Field(default=1, ge=1)
     query_batch_size: int = Field(default=256, ge=1)
     decode_batch_size: int = Field(default=256, ge=1)
+    # Logical CPUs per actor/task. Small on purpose: Ray also schedules its own 1-CPU listing/reading tasks, and a
+    # 2-CPU machine running a cascade (two purify and two query pools) would otherwise deadlock.
+    purify_cpus: float | None = Field(default=None, gt=0)  # None: 1 with a GPU, else 0.25 (torch_threads works)
+    query_cpus: float = Field(default=0.1, gt=0)
+    decode_cpus: float = Field(default=0.25, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1)  # CPU purification threads; None: all cores
 
 
 class OutputConfig(_Section):
@@ -79,6 +86,14 @@ class OutputConfig(_Section):
     resume: bool = True  # Ray Data checkpointing on the reader's id column
 
 
+class AuditConfig(_Section):
+    report_uri: str | None = None  # where report.json/html go (default: <output.uri>/_report)
+    previous: str | None = None  # an earlier report.json (local or s3://) for the trend
+    publish_latest: str | None = None  # also write report.json here, to be the next run's `previous`
+    thresholds: dict[str, float] = Field(default_factory=dict)  # see pipeline.audit.report.THRESHOLD_KEYS
+    sample: int | None = Field(default=None, ge=1)  # audit the first N images of the source
+
+
 class JobConfig(_Section):
     source: SourceConfig = Field(default_factory=SourceConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -86,6 +101,7 @@ class JobConfig(_Section):
     blackbox: BlackBoxConfig = Field(default_factory=BlackBoxConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     ray_address: str | None = None  # None: connect to RAY_ADDRESS if set, else start a local cluster
 
     @field_validator("ray_address")

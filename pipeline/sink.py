@@ -138,6 +138,14 @@ def _params_json(value: Any) -> str:
     return json.dumps(value if value is not None else {}, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def is_empty_error(e: object) -> bool:
+    """An error cell that means "no error": between Ray stages an all-null string column may arrive as None,
+    NaN (numpy float32 too) or ""."""
+    if isinstance(e, str):
+        return e == ""
+    return e is None or (isinstance(e, (float, np.floating)) and bool(np.isnan(e)))
+
+
 def to_output_batch(
     batch: Mapping[str, Any],
     *,
@@ -156,7 +164,7 @@ def to_output_batch(
     ``id_column`` is copied through with its own type.
     """
     n = len(batch["key"])
-    errors = [None if (e is None or e == "" or (isinstance(e, float) and np.isnan(e))) else str(e)
+    errors = [None if is_empty_error(e) else str(e)
               for e in _list(batch.get("error"), n)]
     bad = np.array([e is not None for e in errors], dtype=bool)
     pred_orig = _ints(batch.get("pred_orig"), n, bad)
@@ -199,7 +207,12 @@ def to_output_batch(
     if id_column and id_column not in columns:
         if id_column not in batch:
             raise ValueError(f"id column {id_column!r} missing from the batch: it must flow through every stage")
-        native = pa.array(_list(batch[id_column], n))
+        values = batch[id_column]
+        # From numpy directly where possible: row_hash is uint64, beyond what a Python-int round trip infers.
+        native = pa.array(values) if isinstance(values, np.ndarray) and values.dtype != object else pa.array(
+            _list(values, n))
+        if pa.types.is_null(native.type):  # an empty or all-null batch says nothing about the type: ids are text
+            native = native.cast(pa.string())
         id_type = native.type
         columns[id_column] = native
     schema = output_schema(keep_orig, id_column if id_column in columns else None, id_type)

@@ -15,8 +15,10 @@ fused into the read tasks:
     The ground-truth label, ``-1`` when the source has none.
 the reader-native id column (see :func:`id_column`)
     Kept as the reader produced it, because Ray Data's checkpointed resume filters rows on that column right after
-    the read and finds the finished ids in the output: ``path`` (image folder), ``__key__`` (WebDataset), the
-    Parquet key column when it is not called ``key``, or ``row_hash`` (Parquet without a key column).
+    the read and finds the finished ids in the output: ``path`` (image folder), the Parquet key column when it is
+    not called ``key``, ``row_hash`` (Parquet without a key column), or ``sample_id`` (WebDataset: ``__url__/__key__``,
+    computed from two reader columns by :class:`SourceCheckpointFilter`, since ``__key__`` alone repeats across
+    shards). WebDataset rows also keep ``__key__``.
 
 Nothing but file listings and one schema/header probe happens on the driver; rows stream through Ray.
 """
@@ -34,6 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from ray.data.block import BlockAccessor
+from ray.data.checkpoint import CheckpointConfig
+from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
 
 from pipeline.storage import StorageError, check_readable, describe, resolve_filesystem, uri_path
 
@@ -51,6 +56,7 @@ _WDS_PROBE_MEMBERS = 64
 _MAX_PLAUSIBLE_ROW = 1 << 40
 
 NORMALISED_COLUMNS = ("key", "shard", "image_bytes", "label")
+WDS_ID_COLUMN = "sample_id"
 
 
 class SourceError(StorageError):
@@ -219,7 +225,7 @@ def _inspect_webdataset(fs: pafs.FileSystem, spec: SourceSpec, info: SourceInfo)
             f"no image member (*.{' / *.'.join(IMAGE_EXTENSIONS)}) among the first members of "
             f"{describe(fs, first)}"
         )
-    info.id_column = "__key__"
+    info.id_column = WDS_ID_COLUMN
 
 
 def inspect_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> SourceInfo:
@@ -243,12 +249,59 @@ def inspect_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> Sourc
 def id_column(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> str | None:
     """The reader-native unique column to give ``CheckpointConfig(id_column=...)`` for resumable jobs.
 
-    Parquet: the key column when the files have it, else ``row_hash`` (Ray's deterministic hash of file path and
-    row position, unique as long as the shards are not rewritten between runs). Image folder: ``path``.
-    WebDataset: ``__key__``, which Ray's reader makes unique only within one shard: a resumable WebDataset job
-    needs sample keys that are unique across all shards (e.g. a global running index).
+    Parquet: the key column when the files have it (its values must be unique: a repeated key is skipped as done
+    on resume), else ``row_hash`` (Ray's deterministic hash of file path and row position, stable while the shards
+    are not rewritten). Image folder: ``path``. WebDataset: ``sample_id`` = ``{__url__}/{__key__}``; Ray's own
+    ``__key__`` repeats across shards (every shard may start at ``000000``), which would make a resumed job skip
+    rows, so the id is composed from the shard path too. It needs :class:`SourceCheckpointFilter` as
+    ``checkpoint_filter_cls``; :func:`checkpoint_config` sets both.
     """
     return inspect_source(spec, fs).id_column
+
+
+def _wds_sample_ids(table: pa.Table) -> pa.Array:
+    return pc.binary_join_element_wise(
+        pc.cast(table["__url__"], pa.string()), pc.cast(table["__key__"], pa.string()), "/"
+    )
+
+
+class SourceCheckpointFilter(NumpyArrayBasedCheckpointFilter):
+    """Ray's default checkpoint filter, made to take every block our readers produce.
+
+    Ray 2.60's filter asserts Arrow blocks, but ``read_webdataset`` yields pandas blocks (a resumed WebDataset job
+    dies with a bare AssertionError), so blocks are converted first. And the WebDataset id ``sample_id`` is
+    computed here from ``__url__`` and ``__key__`` exactly as the normalising map computes it for the output.
+    """
+
+    def filter_rows_for_block(self, block: pa.Table) -> pa.Table:
+        table = BlockAccessor.for_block(block).to_arrow()
+        synthesized = self.id_column == WDS_ID_COLUMN and WDS_ID_COLUMN not in table.column_names
+        if synthesized:
+            table = table.append_column(WDS_ID_COLUMN, _wds_sample_ids(table))
+        out = super().filter_rows_for_block(table)
+        return out.drop_columns([WDS_ID_COLUMN]) if synthesized else out
+
+
+def checkpoint_config(
+    spec: SourceSpec,
+    checkpoint_path: str,
+    fs: pafs.FileSystem | None = None,
+    *,
+    delete_checkpoint_on_success: bool = False,
+) -> CheckpointConfig:
+    """A ``CheckpointConfig`` for resuming a job over ``spec``: the right id column and the filter that reads it.
+
+    ``checkpoint_path`` is a URI or local path; ``fs`` (else one resolved from it with the source's endpoint) is
+    where Ray keeps the finished ids.
+    """
+    if fs is None:
+        fs, path = resolve_filesystem(checkpoint_path, spec.endpoint_url)
+    else:
+        path = uri_path(checkpoint_path)
+    return CheckpointConfig(
+        id_column=id_column(spec), checkpoint_path=path, override_filesystem=fs,
+        delete_checkpoint_on_success=delete_checkpoint_on_success, checkpoint_filter_cls=SourceCheckpointFilter,
+    )
 
 
 def read_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> ray.data.Dataset:
@@ -399,6 +452,7 @@ def _normalise_webdataset(table: pa.Table, root: str, label_column: str | None) 
         "shard": pc.cast(table["__url__"], pa.string()),
         "image_bytes": pa.array(image_values, type=pa.binary()),
         "label": pa.array(labels, type=pa.int64()),
+        WDS_ID_COLUMN: _wds_sample_ids(table),
         "__key__": pc.cast(table["__key__"], pa.string()),
     })
 
@@ -417,6 +471,6 @@ def _normalise_imagefolder(table: pa.Table, root: str, classes: list[str]) -> pa
 
 
 __all__ = [
-    "FORMATS", "IMAGE_EXTENSIONS", "NORMALISED_COLUMNS", "SourceError", "SourceInfo", "SourceSpec",
-    "id_column", "inspect_source", "list_shards", "read_source",
+    "FORMATS", "IMAGE_EXTENSIONS", "NORMALISED_COLUMNS", "WDS_ID_COLUMN", "SourceCheckpointFilter", "SourceError",
+    "SourceInfo", "SourceSpec", "checkpoint_config", "id_column", "inspect_source", "list_shards", "read_source",
 ]

@@ -83,7 +83,7 @@ def make_output(n: int = 200, poison: bool = True, seed: int = 0, keep_original:
         ("key", pa.string()), ("shard", pa.string()), ("label", pa.int64()), ("image_png", pa.binary()),
         ("image_orig_png", pa.binary()), ("pred_orig", pa.int64()), ("score_orig", pa.float32()),
         ("pred_purified", pa.int64()), ("score_purified", pa.float32()), ("flagged", pa.bool_()),
-        ("flag_score", pa.float32()), ("method", pa.string()), ("params", pa.string()), ("nfe", pa.int64()),
+        ("flag_score", pa.float32()), ("method", pa.string()), ("params", pa.string()), ("nfe", pa.float32()),
         ("error", pa.string()),
     ])
     table = pa.Table.from_pydict(rows, schema=schema)
@@ -228,6 +228,18 @@ def test_load_output_reads_the_directory(tmp_path: Path) -> None:
     assert build_report(loaded, tmp_path / "r")["most_replaced"][0]["class"] == TARGET
 
 
+def test_load_output_from_s3(s3_server, s3_bucket: str) -> None:
+    """An s3:// URI resolves like the pipeline's writer resolves it: endpoint from the argument or S3_ENDPOINT_URL."""
+    table = make_output()
+    fs = s3_server.filesystem()
+    pq.write_table(table.slice(0, 100), f"{s3_bucket}/sanitized/part-0.parquet", filesystem=fs)
+    pq.write_table(table.slice(100), f"{s3_bucket}/sanitized/part-1.parquet", filesystem=fs)
+
+    loaded = load_output(f"s3://{s3_bucket}/sanitized/", endpoint_url=s3_server.endpoint_url)
+    assert loaded.num_rows == 200
+    assert load_output(f"{s3_bucket}/sanitized", filesystem=fs, columns=["key"]).num_rows == 200
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -255,3 +267,20 @@ def test_html_renders_in_headless_chromium(table: pa.Table, tmp_path: Path) -> N
     # The plots are colourful (bars, heatmap): a page of plain text would have almost no saturated pixels.
     saturation = img.max(axis=2).astype(int) - img.min(axis=2).astype(int)
     assert (saturation > 60).mean() > 0.01
+
+
+def test_many_classes_keep_the_charts_readable(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    n = 3000
+    po = rng.integers(0, 100, n)
+    pp = np.where(rng.random(n) < 0.1, rng.integers(0, 100, n), po)
+    pp[po == 42] = 7  # class 42 is always replaced
+    table = pa.table({
+        "key": [f"k{i}" for i in range(n)], "shard": ["s"] * n, "pred_orig": po, "pred_purified": pp,
+        "flagged": po != pp, "flag_score": rng.random(n).astype(np.float32), "error": pa.nulls(n, pa.string()),
+    })
+    report = build_report(table, tmp_path, top_k=4)
+    assert len(report["transitions"]["labels"]) == 100  # the JSON keeps every class
+    assert report["most_replaced"][0]["class"] == 42
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("class='plot'") == 2

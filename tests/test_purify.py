@@ -11,10 +11,10 @@ from pipeline.purify import build_purifier
 from pipeline.purify.cascade import Cascade, majority
 from pipeline.purify.degradations import parse_degradation
 from pipeline.purify.models import DiffusionModel
+from pipeline.purify.sampdetox import SampDetox
 from pipeline.purify.sdedit import SDEdit
 from pipeline.purify.ssim import ssim_map
 from pipeline.purify.zip import ZIP
-from pipeline.purify.sampdetox import SampDetox
 
 
 def tiny_model(channels: int = 1, size: int = 16) -> DiffusionModel:

@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from pipeline.storage import resolve_filesystem, uri_path  # pyarrow only, no Ray
+
 REPORT_VERSION = 1
 IMAGE_COLUMNS = ("image_png", "image_orig_png")
 
@@ -40,6 +42,7 @@ THRESHOLD_KEYS: dict[str, str] = {
     "min_rows": "alert when the audit saw fewer rows than this (an empty audit proves nothing)",
 }
 DEFAULT_MIN_CLASS_ROWS = 10
+MAX_PLOT_CLASSES = 30  # beyond this, charts show the classes that matter; the JSON keeps all
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,19 +54,25 @@ def load_output(
     uri: str | Path,
     filesystem: pafs.FileSystem | None = None,
     columns: Sequence[str] | None = None,
+    *,
+    endpoint_url: str | None = None,
 ) -> pa.Table:
     """Read the pipeline's Parquet output directory (local path, `s3://...`, or a path on `filesystem`).
 
-    Files whose names start with `.` or `_` are skipped (pyarrow's default), which leaves out Ray's in-flight and
-    checkpoint files. Schemas are unified across files because a resumed run may have written an all-null column
-    as `null` type in one file and `string` in another.
+    Without `filesystem`, the URI resolves the way the pipeline's own writer resolved it (pipeline.storage: S3
+    endpoint from `endpoint_url` or env S3_ENDPOINT_URL, credentials from the AWS chain). Files whose names start
+    with `.` or `_` are skipped (pyarrow's default), which leaves out in-flight and bookkeeping files. Schemas are
+    unified across files because a resumed run may have written an all-null column as `null` type in one file and
+    `string` in another.
     """
-    source = str(uri)
     if filesystem is None:
-        if "://" in source:
-            filesystem, source = pafs.FileSystem.from_uri(source)
-        else:
-            filesystem, source = pafs.LocalFileSystem(), str(Path(source).resolve())
+        filesystem, source = resolve_filesystem(str(uri), endpoint_url)
+    elif "://" in str(uri):
+        source = uri_path(str(uri))
+    elif isinstance(filesystem, pafs.LocalFileSystem):
+        source = str(Path(uri).resolve())
+    else:  # already a path inside `filesystem` ("bucket/prefix")
+        source = str(uri).strip("/")
     dataset = ds.dataset(source, format="parquet", filesystem=filesystem)
     fragments = list(dataset.get_fragments())
     if len(fragments) > 1:
@@ -372,10 +381,11 @@ def _png_data_uri(data: bytes | None) -> str | None:
 def _class_chart(report: dict, previous: dict | None) -> str | None:
     from matplotlib.figure import Figure  # imported late: a JSON-only caller never pays for matplotlib
 
-    classes = [c for c in report["per_class"] if report["per_class"][c]["rows"] > 0]
+    # Many-class models (ImageNet): only the most replaced classes fit in a readable chart.
+    classes = [r["class"] for r in report["most_replaced"][:MAX_PLOT_CLASSES]]
     if not classes:
         return None
-    classes.sort(key=int)
+    classes = sorted((str(c) for c in classes), key=int)
     rates = [report["per_class"][c]["replaced_rate"] or 0.0 for c in classes]
     names = [report["per_class"][c]["name"] for c in classes]
     top = report["most_replaced"][0]["class"] if report["most_replaced"] else None
@@ -406,6 +416,12 @@ def _heatmap(report: dict) -> str | None:
     m = np.asarray(report["transitions"]["matrix"], dtype=np.float64)
     if not labels or m.sum() == 0:
         return None
+    if len(labels) > MAX_PLOT_CLASSES:
+        # Keep the classes most involved in flips (leaving or receiving); the full matrix stays in report.json.
+        off = m - np.diag(np.diag(m))
+        keep = np.sort(np.argsort(-(off.sum(axis=0) + off.sum(axis=1)), kind="stable")[:MAX_PLOT_CLASSES])
+        m = m[np.ix_(keep, keep)]
+        labels = [labels[i] for i in keep]
     # Row-normalized colours so a big class does not wash out the rest; raw counts are written in the cells.
     norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     names = [report["class_names"].get(str(c), str(c)) for c in labels]

@@ -24,7 +24,25 @@ __all__ = [
 
 
 def open_blackbox(uri: str, spec: InputSpec | None = None, **options) -> BlackBox:
-    """``onnx:path/model.onnx`` | ``v2+http(s)://host:port/models/NAME`` | ``sagemaker:ENDPOINT``."""
+    """``onnx:path/model.onnx`` | ``v2+http(s)://host:port/models/NAME`` | ``sagemaker:ENDPOINT``.
+
+    Options common to all: max_batch_size, query_budget. Remote clients also take max_concurrency, timeout_s,
+    retries, backoff_s, max_backoff_s, max_retry_after_s, rate_limit_qps; v2 takes auth_env, header_env, verify,
+    check_timeout_s; SageMaker takes region_name, endpoint_url, target_model, target_variant, inference_component.
+    The ONNX client ignores remote-only options so one config can switch between a local file and an endpoint.
+    """
+    bb = _open(uri, spec, **options)
+    # keep only picklable, secret-free options for the reopen recipe (injected test clients are neither)
+    if not any(k in options for k in ("client", "control_client")):
+        bb._reopen = (uri, spec, dict(options))
+    return bb
+
+
+def _reopen_blackbox(uri: str, spec: InputSpec | None, options: dict) -> BlackBox:
+    return open_blackbox(uri, spec, **options)
+
+
+def _open(uri: str, spec: InputSpec | None, **options) -> BlackBox:
     if uri.startswith("onnx:"):
         from .onnx import OnnxBlackBox
 

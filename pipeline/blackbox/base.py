@@ -195,7 +195,12 @@ class Stats:
 
 
 class BlackBox(ABC):
+    """A queried-only classifier. Instances made by ``open_blackbox`` pickle as the recipe to reopen them (URI, spec,
+    options: env-var *names*, never secret values), so Ray can ship one to its actors; each copy starts with fresh
+    counters and its own query budget."""
+
     spec: InputSpec
+    _reopen: tuple[str, InputSpec | None, dict] | None = None
 
     @abstractmethod
     def predict(self, images: np.ndarray) -> Prediction:
@@ -212,6 +217,13 @@ class BlackBox(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most clients have something to release
         pass
 
+    def __reduce__(self) -> tuple:
+        if self._reopen is None:
+            raise TypeError(f"{type(self).__name__} was not made by open_blackbox() and cannot be pickled")
+        from . import _reopen_blackbox
+
+        return (_reopen_blackbox, self._reopen)
+
     def __enter__(self) -> BlackBox:
         return self
 
@@ -221,6 +233,35 @@ class BlackBox(ABC):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared engine for remote clients (v2 REST, SageMaker): split, bound concurrency, budget, rate limit, retries.
+
+
+class QueryBudget:
+    """Max number of images a client may send; reserved up front, in call order, so which rows get refused does not
+    depend on thread scheduling. Retries of an image do not count again: the budget is on distinct rows queried."""
+
+    def __init__(self, limit: int | None) -> None:
+        if limit is not None and limit < 0:
+            raise ValueError("query_budget must be >= 0")
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> int:
+        """How many of the next n rows may be sent."""
+        if self.limit is None:
+            return n
+        with self._lock:
+            allowed = max(0, min(n, self.limit - self.used))
+            self.used += allowed
+        return allowed
+
+    @property
+    def left(self) -> int | None:
+        return None if self.limit is None else self.limit - self.used
+
+
+def budget_refusal(n: int) -> Prediction:
+    return Prediction(np.full(n, -1, np.int64), None, [BUDGET_EXHAUSTED] * n)
 
 
 class RetryableError(Exception):
@@ -318,8 +359,6 @@ class RemoteBlackBox(BlackBox):
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if max_batch_size < 1 or max_concurrency < 1 or retries < 0 or timeout_s <= 0:
             raise ValueError("max_batch_size and max_concurrency must be >= 1, retries >= 0, timeout_s > 0")
-        if query_budget is not None and query_budget < 0:
-            raise ValueError("query_budget must be >= 0")
         self.spec = spec or InputSpec()
         self.max_batch_size = int(max_batch_size)
         self.max_concurrency = int(max_concurrency)
@@ -328,9 +367,7 @@ class RemoteBlackBox(BlackBox):
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
         self.max_retry_after_s = float(max_retry_after_s)
-        self.query_budget = query_budget
-        self._budget_used = 0
-        self._budget_lock = threading.Lock()
+        self._budget = QueryBudget(query_budget)
         self._rate = RateLimiter(rate_limit_qps) if rate_limit_qps else None
         self._redact = Redactor(secrets)
         self._sleep = sleep
@@ -355,7 +392,7 @@ class RemoteBlackBox(BlackBox):
         self._stats.add(rows=n)
         if n == 0:
             return Prediction(np.zeros(0, np.int64), None, [])
-        allowed = self._reserve_budget(n)
+        allowed = self._budget.reserve(n)
         chunks = [(i, min(i + self.max_batch_size, allowed)) for i in range(0, allowed, self.max_batch_size)]
         parts: list[Prediction] = []
         if chunks:
@@ -368,12 +405,12 @@ class RemoteBlackBox(BlackBox):
         if allowed < n:
             rejected = n - allowed
             self._stats.add(budget_rejected=rejected, failures=rejected)
-            parts.append(Prediction(np.full(rejected, -1, np.int64), None, [BUDGET_EXHAUSTED] * rejected))
+            parts.append(budget_refusal(rejected))
         return Prediction.concat(parts)
 
     def stats(self) -> dict:
         d = self._stats.snapshot()
-        d["budget_left"] = None if self.query_budget is None else self.query_budget - self._budget_used
+        d["budget_left"] = self._budget.left
         return d
 
     def close(self) -> None:
@@ -392,15 +429,6 @@ class RemoteBlackBox(BlackBox):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="blackbox")
             return self._pool
-
-    def _reserve_budget(self, n: int) -> int:
-        # reserved up front, in call order, so which rows get refused does not depend on thread scheduling
-        if self.query_budget is None:
-            return n
-        with self._budget_lock:
-            allowed = max(0, min(n, self.query_budget - self._budget_used))
-            self._budget_used += allowed
-        return allowed
 
     def _next_id(self) -> str:
         with self._pool_lock:

@@ -5,6 +5,8 @@ Still a black box to the defense: only the first output is read, exactly as for 
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from pathlib import Path
 
@@ -15,25 +17,46 @@ from .base import (
     BlackBoxUnavailable,
     InputSpec,
     Prediction,
+    QueryBudget,
     Stats,
+    budget_refusal,
     parse_output,
     to_model_input,
     validate_images,
 )
 
+log = logging.getLogger(__name__)
+
+# Options of the remote clients that mean nothing for a local file: accepted so that one config can point at either.
+REMOTE_ONLY = frozenset({"max_concurrency", "timeout_s", "retries", "backoff_s", "max_backoff_s", "max_retry_after_s",
+                         "rate_limit_qps", "auth_env", "header_env", "verify", "check_timeout_s"})
+
 
 class OnnxBlackBox(BlackBox):
     def __init__(self, path: str | Path, spec: InputSpec | None = None, *, max_batch_size: int = 512,
-                 threads: int | None = None) -> None:
+                 query_budget: int | None = None, threads: int | None = None, **remote_options: object) -> None:
+        unknown = set(remote_options) - REMOTE_ONLY
+        if unknown:
+            raise TypeError(f"unknown option(s) for an onnx: black box: {', '.join(sorted(unknown))}")
+        if remote_options:
+            log.debug("onnx black box ignores remote-only options %s", sorted(remote_options))
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
         self.path = Path(path)
         self.spec = spec or InputSpec()
         self.max_batch_size = int(max_batch_size)
         self.threads = threads
         self._session = None
         self._input_name: str | None = None
+        self._load_lock = threading.Lock()
+        self._budget = QueryBudget(query_budget)
         self._stats = Stats()
 
     def _load(self):  # noqa: ANN202 - onnxruntime.InferenceSession, imported lazily
+        with self._load_lock:
+            return self._load_locked()
+
+    def _load_locked(self):  # noqa: ANN202
         if self._session is None:
             import onnxruntime as ort
 
@@ -68,14 +91,18 @@ class OnnxBlackBox(BlackBox):
         self._stats.add(rows=n)
         if n == 0:
             return Prediction(np.zeros(0, np.int64), None, [])
-        try:
-            sess = self._load()
-        except BlackBoxUnavailable as e:
-            self._stats.add(failures=n)
-            return Prediction(np.full(n, -1, np.int64), None, [str(e)[:300]] * n)
+        allowed = self._budget.reserve(n)
         parts = []
-        for a in range(0, n, self.max_batch_size):
-            x = to_model_input(images[a:a + self.max_batch_size], self.spec)
+        try:
+            sess = self._load() if allowed else None
+        except BlackBoxUnavailable as e:
+            self._stats.add(failures=allowed, images=allowed)
+            parts.append(Prediction(np.full(allowed, -1, np.int64), None, [str(e)[:300]] * allowed))
+            allowed_ok = 0
+        else:
+            allowed_ok = allowed
+        for a in range(0, allowed_ok, self.max_batch_size):
+            x = to_model_input(images[a:min(a + self.max_batch_size, allowed_ok)], self.spec)
             m = len(x)
             self._stats.add(queries=1, attempts=1, images=m)
             t0 = time.perf_counter()
@@ -90,10 +117,15 @@ class OnnxBlackBox(BlackBox):
                 parts.append(Prediction(labels, scores, [None] * m))
             finally:
                 self._stats.latency((time.perf_counter() - t0) * 1000.0)
+        if allowed < n:
+            self._stats.add(budget_rejected=n - allowed, failures=n - allowed)
+            parts.append(budget_refusal(n - allowed))
         return Prediction.concat(parts)
 
     def stats(self) -> dict:
-        return self._stats.snapshot()
+        d = self._stats.snapshot()
+        d["budget_left"] = self._budget.left
+        return d
 
     def close(self) -> None:
         self._session = None

@@ -8,6 +8,7 @@ from options, so nothing secret passes through this object.
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 
@@ -34,6 +35,7 @@ class SageMakerBlackBox(RemoteBlackBox):
         # injected clients let tests attach botocore's Stubber; otherwise clients are built lazily (no AWS call here)
         self._client = client
         self._control = control_client
+        self._client_lock = threading.Lock()
 
     def _boto_client(self, service: str) -> object:
         import boto3
@@ -42,13 +44,17 @@ class SageMakerBlackBox(RemoteBlackBox):
         # botocore's own retries are off: ours count attempts, honour the budget and record per-row errors
         cfg = Config(retries={"max_attempts": 1, "mode": "standard"}, read_timeout=self.timeout_s,
                      connect_timeout=min(self.timeout_s, 10.0), max_pool_connections=self.max_concurrency)
-        return boto3.client(service, region_name=self._region, endpoint_url=self._endpoint_url, config=cfg)
+        # a private Session: boto3's default session is not safe to build clients from in several threads
+        return boto3.session.Session().client(service, region_name=self._region, endpoint_url=self._endpoint_url,
+                                              config=cfg)
 
     @property
     def client(self) -> object:
-        if self._client is None:
-            self._client = self._boto_client("sagemaker-runtime")
-        return self._client
+        # built on first use by whichever worker thread gets there first; clients themselves are thread-safe
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._boto_client("sagemaker-runtime")
+            return self._client
 
     def _target(self) -> str:
         return f"sagemaker:{self.endpoint}"
@@ -92,8 +98,9 @@ class SageMakerBlackBox(RemoteBlackBox):
     def check(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        if self._control is None:
-            self._control = self._boto_client("sagemaker")
+        with self._client_lock:
+            if self._control is None:
+                self._control = self._boto_client("sagemaker")
         try:
             desc = self._control.describe_endpoint(EndpointName=self.endpoint)
         except ClientError as e:

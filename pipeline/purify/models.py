@@ -77,14 +77,14 @@ def load_model(name_or_path: str = "fmnist-tiny", device: str | torch.device = "
     sub = "unet" if (not is_local or (Path(source) / "unet").is_dir()) else None
     try:
         unet = UNet2DModel.from_pretrained(source, subfolder=sub, use_safetensors=True)
-    except (OSError, EnvironmentError) as exc:
+    except OSError as exc:
         if sub == "unet" and not is_local:
             unet = UNet2DModel.from_pretrained(source, use_safetensors=True)
         else:
             raise FileNotFoundError(f"cannot load diffusion model {name_or_path!r} from {source!r}: {exc}") from exc
     try:
         sched = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
-    except (OSError, EnvironmentError):
+    except OSError:
         sched = DDPMScheduler.from_pretrained(source)
     unet.eval().requires_grad_(False)
     size = unet.config.sample_size

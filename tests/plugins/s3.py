@@ -136,13 +136,15 @@ def make_fmnist_shards(
     start: int = 0,
     with_keys: bool = True,
     with_labels: bool = True,
+    global_keys: bool = True,
 ) -> ShardSet:
     """Write ``n_shards`` x ``per_shard`` Fashion-MNIST test images (PNG bytes) under ``root`` of ``fs``.
 
     ``fmt``: ``parquet`` (columns ``key``, ``image``, ``label``; ``with_keys``/``with_labels`` drop the optional
-    ones), ``webdataset`` (``NNNNNN.png`` + ``NNNNNN.cls``; keys are global indices, unique across shards as resume
-    needs) or ``imagefolder`` (``cN/NNNNNN.png``, class dirs ``c0``..``c9``, spread over ``n_shards`` x
-    ``per_shard`` files). ``root`` is a filesystem path (``bucket/prefix`` on S3). Works on LocalFileSystem too.
+    ones), ``webdataset`` (``NNNNNN.png`` + ``NNNNNN.cls``; ``NNNNNN`` is the global index, or with
+    ``global_keys=False`` the index within the shard, as many WebDataset writers do) or ``imagefolder``
+    (``cN/NNNNNN.png``, class dirs ``c0``..``c9``, ``n_shards`` x ``per_shard`` files).
+    ``root`` is a filesystem path (``bucket/prefix`` on S3); LocalFileSystem works too.
     """
     from pipeline.datasets import load_fashion_mnist
     from pipeline.decode import encode_png
@@ -185,15 +187,16 @@ def make_fmnist_shards(
                 keys = [f"{name}:{row}" for row in range(per_shard)]
         elif fmt == "webdataset":
             buf = io.BytesIO()
+            wds_keys = [f"{i if global_keys else j:06d}" for j, i in enumerate(idx.tolist())]
             with tarfile.open(fileobj=buf, mode="w") as tar:
-                for i, png in zip(idx.tolist(), pngs, strict=True):
+                for i, wds_key, png in zip(idx.tolist(), wds_keys, pngs, strict=True):
                     members = [("png", png)] + ([("cls", str(labels[i]).encode())] if with_labels else [])
                     for ext, data in members:
-                        info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                        info = tarfile.TarInfo(f"{wds_key}.{ext}")
                         info.size = len(data)
                         tar.addfile(info, io.BytesIO(data))
             _write_bytes(fs, path, buf.getvalue())
-            keys = [f"{name}/{i:06d}" for i in idx.tolist()]
+            keys = [f"{name}/{k}" for k in wds_keys]
         else:
             raise ValueError(f"unknown shard format {fmt!r}")
         shard_set.paths.append(path)

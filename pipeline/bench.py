@@ -1,0 +1,116 @@
+"""Efficacy and cost of every method, side by side: CA / PA / ASR / floor, flag precision/recall, NFE, img/s and
+peak memory per attack; a Markdown table, a JSON file and Pareto plots (ASR and CA against NFE).
+
+    python -m pipeline bench [--n 300] [--attacks badnets,blended,wanet,sig] [--only sdedit,cascade] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.evaluate import evaluate, format_rows
+from pipeline.purify import build_purifier, load_model
+from pipeline.stages import pick_device
+
+# (label, method, params). The first rows are the baselines as published; the last ones are ours.
+GRID: list[tuple[str, str, dict[str, Any]]] = [
+    ("none", "none", {}),
+    ("sdedit-150", "sdedit", {"t_start": 150, "steps": 10}),
+    ("sdedit-200", "sdedit", {"t_start": 200, "steps": 10}),
+    ("sdedit-250", "sdedit", {"t_start": 250, "steps": 10}),
+    ("sdedit-300", "sdedit", {"t_start": 300, "steps": 10}),
+    ("zip-pool2", "zip", {"degradation": "pool2", "t_start": 400, "steps": 20}),
+    ("zip-pool4", "zip", {"degradation": "pool4", "t_start": 400, "steps": 20}),
+    ("zip-blur2", "zip", {"degradation": "blur2", "t_start": 400, "steps": 20}),
+    ("sampdetox-paper", "sampdetox", {"t1": 20, "t2": 120}),
+    ("sampdetox-ddim", "sampdetox", {"t1": 60, "t2": 250, "steps1": 6, "steps2": 12}),
+    ("cascade-250-k3", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "k": 3}),
+    ("cascade-250-k5", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "k": 5}),
+    ("cascade-300-k5-orig", "cascade", {"base": "sdedit", "t_start": 300, "steps": 10, "k": 5,
+                                         "vote_original": True}),
+]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = sorted({r["attack"] for r in rows})
+    fig, axes = plt.subplots(2, len(attacks), figsize=(4.2 * len(attacks), 7.5), squeeze=False)
+    for j, attack in enumerate(attacks):
+        sub = [r for r in rows if r["attack"] == attack]
+        for i, metric in enumerate(("asr", "ca")):
+            ax = axes[i][j]
+            for r in sub:
+                ax.scatter(r["nfe"], r[metric], s=18)
+                ax.annotate(r["label"], (r["nfe"], r[metric]), fontsize=6, xytext=(2, 2),
+                            textcoords="offset points")
+            if metric == "asr":
+                floor = min((r["floor"] for r in sub if not math.isnan(r["floor"])), default=float("nan"))
+                ax.axhline(floor, ls=":", c="gray", lw=0.8, label="lowest floor")
+                ax.legend(fontsize=6)
+            ax.set_xscale("symlog", linthresh=10)
+            ax.set_xlabel("NFE per image")
+            ax.set_ylabel(metric.upper())
+            ax.set_title(f"{attack}: {metric.upper()} vs NFE", fontsize=9)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="fmnist-tiny")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--n", type=int, default=300, help="test images per attack (clean and triggered each)")
+    ap.add_argument("--attacks", default="badnets,blended,wanet,sig")
+    ap.add_argument("--only", help="comma-separated labels or methods from the grid")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    args = ap.parse_args(argv)
+
+    device = pick_device(args.device)
+    model = load_model(args.model, device)
+    attacks = args.attacks.split(",")
+    wanted = set(args.only.split(",")) if args.only else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    t_all = time.time()
+    for label, method, params in GRID:
+        if wanted and label not in wanted and method not in wanted:
+            continue
+        defense = build_purifier(method, model, params, dtype=args.dtype)
+        t0 = time.time()
+        got = evaluate(defense, attacks, n=args.n, seed=args.seed, batch_size=args.batch_size, method=method,
+                       params=params)
+        for r in got:
+            r["label"] = label
+        rows += got
+        print(f"[{time.time() - t_all:6.0f}s] {label}: {time.time() - t0:.0f}s", flush=True)
+        print(format_rows(got), flush=True)
+    meta = {"model": args.model, "device": device, "dtype": args.dtype, "n": args.n, "seed": args.seed,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+            "seconds": round(time.time() - t_all, 1)}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    table = format_rows(sorted(rows, key=lambda r: (r["attack"], r["nfe"])))
+    (args.out / "results.md").write_text(
+        f"Model {args.model} on {device} ({meta['gpu'] or platform.processor() or 'cpu'}), n={args.n} per attack, "
+        f"seed {args.seed}, {meta['seconds']}s.\n\n{table}\n")
+    plot(rows, args.out / "pareto.png")
+    print(f"\nwrote {args.out / 'results.md'}, results.json, pareto.png")
+    return 0

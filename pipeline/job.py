@@ -1,0 +1,206 @@
+"""The sanitize job as one linear Ray Data plan, top to bottom:
+
+    read -> decode -> purify (GPU actors) -> query (CPU actors) [-> escalate (GPU) -> vote (CPU)] -> encode -> write
+
+Linear on purpose: Ray Data's checkpointed resume only applies to Read -> maps -> Write, so the cascade's
+escalation is two more maps (rows that did not flip pass through) rather than a second dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from pipeline.blackbox import InputSpec, open_blackbox
+from pipeline.config import JobConfig
+from pipeline.decode import decode_batch
+from pipeline.purify.models import REPO_ROOT
+from pipeline.sink import to_output_batch
+from pipeline.sources import SourceSpec, inspect_source, read_source
+from pipeline.stages import EscalateStage, PurifyStage, QueryStage, VoteStage
+from pipeline.storage import check_writable, resolve_filesystem
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = "_ray_checkpoint"  # inside the output; '_' keeps it out of Parquet dataset discovery
+
+
+@dataclass
+class Summary:
+    rows_total: int
+    rows_this_run: int
+    errors: int
+    flagged: int
+    mean_nfe: float
+    seconds: float
+    images_per_s: float
+    output: str
+
+    def line(self) -> str:
+        return (f"rows {self.rows_total} (this run {self.rows_this_run}), errors {self.errors}, "
+                f"flagged {self.flagged}, mean NFE {self.mean_nfe:.1f}, {self.seconds:.1f}s, "
+                f"{self.images_per_s:.1f} img/s -> {self.output}")
+
+
+def _local_abs(uri: str) -> str:
+    """Ray workers may not share the driver's working directory: make local paths absolute up front."""
+    if "://" in uri:
+        return uri
+    p = Path(uri).expanduser()
+    return str(p if p.is_absolute() else (Path.cwd() / p).resolve())
+
+
+def blackbox_uri(uri: str) -> str:
+    if uri.startswith("onnx:"):
+        path = Path(uri[5:]).expanduser()
+        if not path.is_absolute():
+            path = path.resolve() if path.exists() else (REPO_ROOT / path)
+        return f"onnx:{path}"
+    return uri
+
+
+def blackbox_options(cfg: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    b = cfg.blackbox
+    spec = {"size": b.size, "channels": b.channels, "scale": b.scale, "input_name": b.input_name,
+            "datatype": b.datatype}
+    if b.uri.startswith("onnx:"):
+        return spec, {}
+    opts = {"max_batch_size": b.max_batch_size, "max_concurrency": b.max_concurrency, "timeout_s": b.timeout_s,
+            "retries": b.retries, "rate_limit_qps": b.rate_limit_qps, "query_budget": b.query_budget,
+            "auth_env": b.auth_env, "header_env": b.header_env or None}
+    return spec, {k: v for k, v in opts.items() if v is not None}
+
+
+def count_output(fs: pafs.FileSystem, path: str) -> int:
+    try:
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.Directory:
+            return 0
+        return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+def init_ray(cfg: JobConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True)
+
+
+def preflight(cfg: JobConfig) -> tuple[SourceSpec, pafs.FileSystem, pafs.FileSystem, str]:
+    """Everything that can be wrong before any work starts: source, destination, black box, model, method."""
+    from pipeline.purify import build_purifier, load_model
+
+    s = cfg.source
+    spec = SourceSpec(uri=_local_abs(s.uri), format=s.format, image_column=s.image_column,
+                      key_column=s.key_column, label_column=s.label_column, endpoint_url=s.endpoint_url,
+                      limit=s.limit)
+    fs_in, _ = resolve_filesystem(spec.uri, spec.endpoint_url)
+    inspect_source(spec, fs_in)
+    out_uri = _local_abs(cfg.output.uri)
+    fs_out, out_path = resolve_filesystem(out_uri, cfg.output.endpoint_url)
+    check_writable(fs_out, out_path)
+    spec_bb, opts = blackbox_options(cfg)
+    bb = open_blackbox(blackbox_uri(cfg.blackbox.uri), InputSpec(**spec_bb), **opts)
+    try:
+        bb.check()
+    finally:
+        bb.close()
+    model = load_model(cfg.model.name, "cpu")  # a bad model name or method fails here, not in 100 actors
+    build_purifier(cfg.purify.method, model, cfg.purify.params)
+    return spec, fs_in, fs_out, out_path
+
+
+def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_size: int, model_channels: int):
+    """The Ray Data plan up to (not including) the write."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    r = cfg.resources
+    gpus = r.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    purify_cpus = r.purify_cpus or (1.0 if gpus > 0 else 0.25)
+    purify_kw = {"model": cfg.model.name, "device": cfg.model.device, "dtype": cfg.model.dtype,
+                 "method": cfg.purify.method, "params": dict(cfg.purify.params), "seed": cfg.purify.seed,
+                 "torch_threads": r.torch_threads}
+    pool = ActorPoolStrategy(min_size=r.purify_actors, max_size=r.max_purify_actors or r.purify_actors)
+    bb_spec, bb_opts = blackbox_options(cfg)
+    query_kw = {"uri": blackbox_uri(cfg.blackbox.uri), "spec": bb_spec, "options": bb_opts}
+
+    ds = read_source(spec, fs_in)
+    ds = ds.map_batches(decode_batch, batch_size=r.decode_batch_size, batch_format="numpy", num_cpus=r.decode_cpus,
+                        fn_kwargs={"size": model_size, "channels": model_channels,
+                                   "policy": cfg.source.decode_policy, "max_bytes": cfg.source.max_image_bytes})
+    ds = ds.map_batches(PurifyStage, compute=pool, num_gpus=gpus, num_cpus=purify_cpus,
+                        batch_size=r.purify_batch_size, batch_format="numpy", fn_constructor_kwargs=purify_kw)
+    ds = ds.map_batches(QueryStage, compute=ActorPoolStrategy(size=r.query_actors), num_cpus=r.query_cpus,
+                        batch_size=r.query_batch_size, batch_format="numpy", fn_constructor_kwargs=query_kw)
+    if cfg.purify.method == "cascade":
+        vote_original = bool(cfg.purify.params.get("vote_original", False))
+        ds = ds.map_batches(EscalateStage, compute=pool, num_gpus=gpus, num_cpus=purify_cpus,
+                            batch_size=r.purify_batch_size, batch_format="numpy", fn_constructor_kwargs=purify_kw)
+        ds = ds.map_batches(VoteStage, compute=ActorPoolStrategy(size=r.query_actors), num_cpus=r.query_cpus,
+                            batch_size=r.query_batch_size, batch_format="numpy",
+                            fn_constructor_kwargs={**query_kw, "vote_original": vote_original})
+    return ds
+
+
+def run_sanitize(cfg: JobConfig) -> Summary:
+    """Validate, build the plan, stream it to Parquet, and summarise what the output now holds."""
+    from ray.data import DataContext
+    from ray.data.checkpoint import CheckpointConfig
+
+    spec, fs_in, fs_out, out_path = preflight(cfg)
+    init_ray(cfg)
+    from pipeline.purify.models import PRESETS
+
+    preset = PRESETS.get(cfg.model.name)
+    if preset is not None:
+        size, channels = preset.image_size, preset.channels
+    else:
+        from pipeline.purify import load_model
+
+        m = load_model(cfg.model.name, "cpu")
+        size, channels = m.image_size, m.channels
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True
+    id_col = inspect_source(spec, fs_in).id_column
+    if cfg.output.resume and id_col:
+        ctx.checkpoint_config = CheckpointConfig(
+            id_column=id_col, checkpoint_path=f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}",
+            override_filesystem=fs_out, delete_checkpoint_on_success=False)
+    else:
+        ctx.checkpoint_config = None
+        if cfg.output.resume:
+            log.warning("source has no unique id column: this job cannot resume; a rerun reprocesses every row")
+
+    before = count_output(fs_out, out_path)
+    t0 = time.time()
+    ds = build_plan(cfg, spec, fs_in, size, channels)
+    ds = ds.map_batches(to_output_batch, batch_format="numpy", batch_size=cfg.resources.query_batch_size,
+                        fn_kwargs={"keep_orig": cfg.output.keep_original,
+                                   "id_column": id_col if id_col != "key" else None})
+    ds.write_parquet(out_path, filesystem=fs_out, mode="append")
+    seconds = time.time() - t0
+    ctx.checkpoint_config = None
+
+    table = pads.dataset(out_path, filesystem=fs_out, format="parquet").to_table(
+        columns=["error", "flagged", "nfe"])
+    total = table.num_rows
+    errors = total - table["error"].null_count
+    flagged = int(sum(1 for f in table["flagged"].to_pylist() if f))
+    nfe = table["nfe"].to_numpy()
+    this_run = total - before
+    s = Summary(rows_total=total, rows_this_run=this_run, errors=errors, flagged=flagged,
+                mean_nfe=float(nfe.mean()) if total else 0.0, seconds=seconds,
+                images_per_s=this_run / seconds if seconds > 0 else 0.0, output=cfg.output.uri)
+    log.info("summary: %s", asdict(s))
+    return s

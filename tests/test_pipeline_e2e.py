@@ -1,0 +1,144 @@
+"""The sanitize job end to end on real components: local Ray, moto's S3 server and a v2 inference server on
+127.0.0.1, the committed diffusion model, and the committed ONNX victim."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pytest
+
+from pipeline.config import load_config
+from pipeline.decode import decode_png
+from pipeline.job import run_sanitize
+from pipeline.sink import output_schema
+from pipeline.storage import StorageError
+from tests.plugins.s3 import make_fmnist_shards
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["purify.params={t_start: 100, steps: 2}", "resources.purify_batch_size=16",
+        "resources.query_batch_size=32", "resources.decode_batch_size=32"]
+
+
+def read_output(fs: pafs.FileSystem, path: str):
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def assert_exactly_once(table, expected: dict[str, int]) -> None:
+    keys = table["key"].to_pylist()
+    assert len(keys) == len(set(keys)), "duplicate keys in the output"
+    assert set(keys) == set(expected), f"missing {set(expected) - set(keys)}, extra {set(keys) - set(expected)}"
+
+
+@pytest.mark.parametrize("fmt,method", [("parquet", "cascade"), ("webdataset", "sdedit")])
+def test_sanitize_from_s3_through_v2_back_to_s3(ray_local, s3_server, v2_server, fmt, method):
+    bucket = s3_server.make_bucket()
+    fs = s3_server.filesystem()
+    shards = make_fmnist_shards(fs, f"{bucket}/in", n_shards=2, per_shard=20, fmt=fmt)
+    cfg = load_config(overrides=[
+        f"source.uri=s3://{bucket}/in", f"source.format={fmt}", f"source.endpoint_url={s3_server.endpoint_url}",
+        f"output.uri=s3://{bucket}/out", f"output.endpoint_url={s3_server.endpoint_url}",
+        f"blackbox.uri={v2_server.url}", f"purify.method={method}",
+        *FAST, *(["purify.params={t_start: 100, steps: 2, k: 2}"] if method == "cascade" else []),
+    ])
+    summary = run_sanitize(cfg)
+    table = read_output(fs, f"{bucket}/out")
+    assert_exactly_once(table, shards.expected)
+    assert summary.rows_total == summary.rows_this_run == len(shards.expected)
+    want = output_schema(False)
+    for f in want:
+        assert table.schema.field(f.name).type == f.type, f.name
+    assert table["error"].null_count == table.num_rows, table["error"].drop_null().to_pylist()[:3]
+    rows = table.to_pylist()
+    assert all(r["method"] == method and r["nfe"] >= 2 for r in rows)
+    assert all(r["label"] == shards.expected[r["key"]] for r in rows)
+    assert all(0 <= r["pred_orig"] < 10 and 0 <= r["pred_purified"] < 10 for r in rows)
+    assert all(r["flagged"] == (r["pred_orig"] != r["pred_purified"]) for r in rows)
+    img = decode_png(rows[0]["image_png"])
+    assert img.shape == (1, 28, 28) and img.dtype == np.uint8
+    # The purified image is close to, but not the same as, the input (t_start=100 is mild noise).
+    orig = shards.images[rows[0]["key"]].astype(float)
+    diff = np.abs(img[0].astype(float) - orig).mean()
+    assert 0 < diff < 40
+    # The undefended model is mostly right on clean Fashion-MNIST, and so is the defended one.
+    labels = np.array([r["label"] for r in rows])
+    assert (np.array([r["pred_orig"] for r in rows]) == labels).mean() > 0.7
+    assert (np.array([r["pred_purified"] for r in rows]) == labels).mean() > 0.6
+
+
+def test_bad_inputs_become_error_rows(ray_local, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=1, per_shard=6,
+                              fmt="parquet")
+    png = next(iter(good.images.values()))
+    from pipeline.decode import encode_png
+
+    ok = encode_png(png[None, None])[0]
+    bad = {"zero-byte": b"", "truncated": ok[: len(ok) // 2], "not-an-image": b"hello world" * 10,
+           "ok-extra": ok}
+    pq.write_table(pa.table({"key": list(bad), "image": list(bad.values()), "label": [1] * len(bad)}),
+                   tmp_path / "src" / "shard-bad.parquet")
+    cfg = load_config(overrides=[f"source.uri={tmp_path / 'src'}", f"output.uri={tmp_path / 'out'}",
+                                 "purify.method=sdedit", *FAST])
+    run_sanitize(cfg)
+    table = read_output(pafs.LocalFileSystem(), str(tmp_path / "out"))
+    assert_exactly_once(table, {**good.expected, **{k: 1 for k in bad}})
+    errors = dict(zip(table["key"].to_pylist(), table["error"].to_pylist()))
+    assert errors["zero-byte"] and errors["truncated"] and errors["not-an-image"]
+    assert errors["ok-extra"] is None and all(errors[k] is None for k in good.expected)
+    by_key = {r["key"]: r for r in table.to_pylist()}
+    assert by_key["truncated"]["image_png"] is None and by_key["truncated"]["pred_purified"] is None
+
+
+def test_fails_fast_on_wrong_bucket_and_dead_black_box(s3_server, tmp_path):
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=1, per_shard=4,
+                             fmt="parquet")
+    t0 = time.time()
+    with pytest.raises(StorageError, match="no-such-bucket"):
+        run_sanitize(load_config(overrides=[
+            "source.uri=s3://no-such-bucket/in", f"source.endpoint_url={s3_server.endpoint_url}"]))
+    from pipeline.blackbox.base import BlackBoxUnavailable
+
+    with pytest.raises(BlackBoxUnavailable):
+        run_sanitize(load_config(overrides=[
+            f"source.uri={src.root}", f"output.uri={tmp_path / 'out'}",
+            "blackbox.uri=v2+http://127.0.0.1:9/models/victim", "blackbox.retries=0", "blackbox.timeout_s=2"]))
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_driver_killed_midway_then_rerun_has_every_key_once(tmp_path):
+    """A separate driver process (its own local Ray) is killed once output starts to land; a rerun completes it."""
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=8, per_shard=24,
+                             fmt="parquet")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline", "sanitize", f"source.uri={src.root}", f"output.uri={out}",
+           "purify.method=sdedit", "purify.params={t_start: 200, steps: 6}", "resources.purify_batch_size=8",
+           "resources.query_batch_size=8", "resources.decode_batch_size=8"]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        if any(out.glob("*.parquet")):
+            break
+        time.sleep(0.2)
+    killed = first.poll() is None
+    if killed:
+        os.killpg(first.pid, 9)
+    first.wait(timeout=60)
+    partial = read_output(pafs.LocalFileSystem(), str(out)).num_rows if any(out.glob("*.parquet")) else 0
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = read_output(pafs.LocalFileSystem(), str(out))
+    assert_exactly_once(table, src.expected)
+    if killed:
+        assert partial < len(src.expected)
