@@ -71,11 +71,15 @@ class ResourcesConfig(_Section):
     query_actors: int = Field(default=1, ge=1)
     query_batch_size: int = Field(default=256, ge=1)
     decode_batch_size: int = Field(default=256, ge=1)
-    # Logical CPUs per actor/task. Small on purpose: Ray also schedules its own 1-CPU listing/reading tasks, and a
-    # 2-CPU machine running a cascade (two purify and two query pools) would otherwise deadlock.
-    purify_cpus: float | None = Field(default=None, gt=0)  # None: 1 with a GPU, else 0.25 (torch_threads works)
-    query_cpus: float = Field(default=0.1, gt=0)
+    # Logical CPUs per actor/task. Zero by default for the actors: Ray Data's own listing, reading and
+    # checkpoint-filter operators take 1 CPU each, and on a 2-CPU machine any more for ours deadlocks the plan.
+    # CPU purification still uses the cores (torch_threads); on GPU nodes the GPU is what gets reserved.
+    purify_cpus: float | None = Field(default=None, ge=0)  # None: 1 with a GPU, else 0
+    query_cpus: float = Field(default=0.0, ge=0)
     decode_cpus: float = Field(default=0.25, gt=0)
+    # Blocks of at most this size stream through the plan: the unit of progress, of resume and of output files.
+    # Ray's default (128 MiB) would hold ~80k small images in one block, written only when the block is done.
+    max_block_kib: int = Field(default=4096, ge=16)
     torch_threads: int | None = Field(default=None, ge=1)  # CPU purification threads; None: all cores
 
 

@@ -22,9 +22,9 @@ from pipeline.config import JobConfig
 from pipeline.decode import decode_batch
 from pipeline.purify.models import REPO_ROOT
 from pipeline.sink import to_output_batch
-from pipeline.sources import SourceSpec, inspect_source, read_source
+from pipeline.sources import SourceSpec, checkpoint_config, inspect_source, read_source
 from pipeline.stages import EscalateStage, PurifyStage, QueryStage, VoteStage
-from pipeline.storage import check_writable, resolve_filesystem
+from pipeline.storage import StorageError, check_writable, describe, resolve_filesystem, uri_path
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "_ray_checkpoint"  # inside the output; '_' keeps it out of Parquet dataset discovery
@@ -126,7 +126,7 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
     gpus = r.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    purify_cpus = r.purify_cpus or (1.0 if gpus > 0 else 0.25)
+    purify_cpus = r.purify_cpus if r.purify_cpus is not None else (1.0 if gpus > 0 else 0.0)
     purify_kw = {"model": cfg.model.name, "device": cfg.model.device, "dtype": cfg.model.dtype,
                  "method": cfg.purify.method, "params": dict(cfg.purify.params), "seed": cfg.purify.seed,
                  "torch_threads": r.torch_threads}
@@ -152,10 +152,18 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
     return ds
 
 
+def _storage_failure(err: OSError, source: str, output: str, resumable: bool) -> StorageError:
+    cause = getattr(err, "cause", None) or err  # RayTaskError keeps the worker's exception as .cause
+    text = (str(cause).strip().splitlines() or [""])[0][:300]
+    then = ("files already committed are kept: rerun the same job once storage is back to resume" if resumable
+            else "this job cannot resume: a rerun starts over")
+    return StorageError(f"the job stopped on a storage error (source {source}, output {output}): "
+                        f"{type(cause).__name__}: {text}; {then}")
+
+
 def run_sanitize(cfg: JobConfig) -> Summary:
     """Validate, build the plan, stream it to Parquet, and summarise what the output now holds."""
     from ray.data import DataContext
-    from ray.data.checkpoint import CheckpointConfig
 
     spec, fs_in, fs_out, out_path = preflight(cfg)
     init_ray(cfg)
@@ -172,11 +180,10 @@ def run_sanitize(cfg: JobConfig) -> Summary:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True
+    ctx.target_max_block_size = cfg.resources.max_block_kib * 1024
     id_col = inspect_source(spec, fs_in).id_column
     if cfg.output.resume and id_col:
-        ctx.checkpoint_config = CheckpointConfig(
-            id_column=id_col, checkpoint_path=f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}",
-            override_filesystem=fs_out, delete_checkpoint_on_success=False)
+        ctx.checkpoint_config = checkpoint_config(spec, f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}", fs_out)
     else:
         ctx.checkpoint_config = None
         if cfg.output.resume:
@@ -188,9 +195,16 @@ def run_sanitize(cfg: JobConfig) -> Summary:
     ds = ds.map_batches(to_output_batch, batch_format="numpy", batch_size=cfg.resources.query_batch_size,
                         fn_kwargs={"keep_orig": cfg.output.keep_original,
                                    "id_column": id_col if id_col != "key" else None})
-    ds.write_parquet(out_path, filesystem=fs_out, mode="append")
+    try:
+        ds.write_parquet(out_path, filesystem=fs_out, mode="append")
+    except OSError as e:
+        # Ray re-raises a worker's OSError as RayTaskError(OSError), still an OSError: storage that fails mid-job
+        # (endpoint gone, credentials expired) ends the job with one StorageError naming where, not a Ray traceback.
+        raise _storage_failure(e, describe(fs_in, uri_path(spec.uri)), describe(fs_out, out_path),
+                               ctx.checkpoint_config is not None) from e
+    finally:
+        ctx.checkpoint_config = None  # also after a failure: the next Ray Data job in this process must not inherit it
     seconds = time.time() - t0
-    ctx.checkpoint_config = None
 
     table = pads.dataset(out_path, filesystem=fs_out, format="parquet").to_table(
         columns=["error", "flagged", "nfe"])

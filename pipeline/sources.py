@@ -311,7 +311,10 @@ def read_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> ray.data
     fs, _ = _filesystem(spec, fs)
     info = inspect_source(spec, fs)
     if spec.format == "parquet":
-        ds = ray.data.read_parquet(info.shards, filesystem=fs, include_paths=True, include_row_hash=not info.has_key)
+        # At least one read task per shard: Ray would pack small shards into one task and so one block, and then
+        # the whole dataset moves through purify and lands in the output as a single late write.
+        ds = ray.data.read_parquet(info.shards, filesystem=fs, include_paths=True, include_row_hash=not info.has_key,
+                                   override_num_blocks=len(info.shards))
         columns = [spec.image_column, "path"]
         columns += [spec.key_column] if info.has_key else ["row_hash"]
         columns += [spec.label_column] if info.has_label else []
@@ -323,7 +326,7 @@ def read_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> ray.data
             "label_column": spec.label_column if info.has_label else None,
         }
     elif spec.format == "webdataset":
-        ds = ray.data.read_webdataset(info.shards, filesystem=fs, decoder=None)
+        ds = ray.data.read_webdataset(info.shards, filesystem=fs, decoder=None, override_num_blocks=len(info.shards))
         fn, kwargs = _normalise_webdataset, {"root": info.root, "label_column": spec.label_column}
     else:
         ds = ray.data.read_binary_files(

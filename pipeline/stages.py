@@ -141,13 +141,15 @@ class EscalateStage(PurifyStage):
         k = self.cascade.k
         extra = np.zeros((n, max(k - 1, 0), *batch["image"].shape[1:]), dtype=np.uint8)
         rows = np.flatnonzero(_ok_rows(batch) & batch["flagged"])
+        nfe = np.array(batch["nfe"], dtype=np.float32)  # blocks arrive read-only (zero-copy from the store)
         if rows.size:
             keys = [str(x) for x in batch["key"][rows]]
             with torch.inference_mode():
                 for j, s in enumerate(escalation_seeds(self.seed, k)):
                     res = self.purifier(batch["image"][rows], keys, s)
                     extra[rows, j] = res.uint8()
-                    batch["nfe"][rows] += res.nfe.numpy()
+                    nfe[rows] += res.nfe.numpy()
+        batch["nfe"] = nfe
         batch["extra"] = extra
         batch["escalated"] = np.isin(np.arange(n), rows)
         return batch

@@ -122,7 +122,7 @@ def test_driver_killed_midway_then_rerun_has_every_key_once(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline", "sanitize", f"source.uri={src.root}", f"output.uri={out}",
            "purify.method=sdedit", "purify.params={t_start: 200, steps: 6}", "resources.purify_batch_size=8",
-           "resources.query_batch_size=8", "resources.decode_batch_size=8"]
+           "resources.query_batch_size=8", "resources.decode_batch_size=8", "resources.max_block_kib=16"]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
