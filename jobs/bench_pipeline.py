@@ -9,43 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 
-
-class TreePSS:
-    """Peak proportional set size of this process and all its descendants (Ray's raylet, workers, plasma)."""
-
-    def __init__(self, interval: float = 0.5) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def sample(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> TreePSS:
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
+from pipeline.evaluate import PeakRSS
 
 
 def bare_loop(root: Path, method: str, params: dict, batch: int) -> float:
@@ -75,11 +45,11 @@ def pipeline_run(root: Path, method: str, params: dict, batch: int) -> tuple[flo
     cfg = load_config(overrides=[f"source.uri={root / 'shards'}", f"output.uri={out}", f"purify.method={method}",
                                  f"purify.params={json.dumps(params)}", f"resources.purify_batch_size={batch}",
                                  "output.resume=false"])
-    with TreePSS() as mem:
+    with PeakRSS(interval=0.5, tree=True) as mem:
         t0 = time.perf_counter()
         s = run_sanitize(cfg)
         wall = time.perf_counter() - t0
-    return s.images_per_s, wall, mem.peak / 2**20
+    return s.images_per_s, wall, mem.mib
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("sdedit-200", "sdedit", {"t_start": 200, "steps": 10}),
     ("sdedit-250", "sdedit", {"t_start": 250, "steps": 10}),
     ("sdedit-300", "sdedit", {"t_start": 300, "steps": 10}),
+    ("sdedit-400", "sdedit", {"t_start": 400, "steps": 8}),
     ("zip-pool2", "zip", {"degradation": "pool2", "t_start": 400, "steps": 20}),
     ("zip-pool4", "zip", {"degradation": "pool4", "t_start": 400, "steps": 20}),
     ("zip-blur2", "zip", {"degradation": "blur2", "t_start": 400, "steps": 20}),
@@ -34,8 +35,10 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("sampdetox-ddim", "sampdetox", {"t1": 60, "t2": 250, "steps1": 6, "steps2": 12}),
     ("cascade-250-k3", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "k": 3}),
     ("cascade-250-k5", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "k": 5}),
-    ("cascade-300-k5-orig", "cascade", {"base": "sdedit", "t_start": 300, "steps": 10, "k": 5,
-                                         "vote_original": True}),
+    ("cascade-350-s6-k5-orig", "cascade", {"base": "sdedit", "t_start": 350, "steps": 6, "k": 5,
+                                           "vote_original": True}),
+    ("cascade-400-s6-k5-orig", "cascade", {"base": "sdedit", "t_start": 400, "steps": 6, "k": 5,
+                                           "vote_original": True}),
 ]
 
 

@@ -70,12 +70,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 3 if alerts else 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import main as bench_main
-
-    return bench_main(args.rest)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="python -m pipeline", description="Black-box backdoor defense by diffusion "
@@ -107,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.set_defaults(fn=cmd_audit)
 
-    p = sub.add_parser("bench", help="every method x attack: efficacy and cost tables and plots")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_bench)
+    sub.add_parser("bench", help="every method x attack: efficacy and cost tables and plots (bench --help)")
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: flags like --n must not be read by this one
+        from pipeline.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

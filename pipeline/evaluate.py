@@ -23,15 +23,29 @@ VICTIMS_DIR = REPO_ROOT / "models" / "victims"
 
 
 class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled; ru_maxrss cannot be reset)."""
+    """Peak memory while the block runs, sampled (ru_maxrss cannot be reset between methods).
 
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    `tree=False`: resident set of this process. `tree=True`: proportional set size of this process and all its
+    descendants (a local Ray cluster's raylet, workers and object store), so shared pages count once."""
+
+    def __init__(self, interval: float = 0.05, tree: bool = False) -> None:
+        self.interval, self.tree, self.peak, self._stop = interval, tree, 0, threading.Event()
+
+    def sample(self) -> int:
+        me = psutil.Process()
+        if not self.tree:
+            return me.memory_info().rss
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
 
     def _run(self) -> None:
-        proc = psutil.Process()
         while not self._stop.is_set():
-            self.peak = max(self.peak, proc.memory_info().rss)
+            self.peak = max(self.peak, self.sample())
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:

@@ -22,7 +22,14 @@ from pipeline.config import JobConfig
 from pipeline.decode import decode_batch
 from pipeline.purify.models import REPO_ROOT
 from pipeline.sink import to_output_batch
-from pipeline.sources import SourceSpec, checkpoint_config, inspect_source, read_source
+from pipeline.sources import (
+    SourceSpec,
+    checkpoint_config,
+    duplicate_keys,
+    inspect_source,
+    mark_duplicate_keys,
+    read_source,
+)
 from pipeline.stages import EscalateStage, PurifyStage, QueryStage, VoteStage
 from pipeline.storage import StorageError, check_writable, describe, resolve_filesystem, uri_path
 
@@ -135,6 +142,13 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
     query_kw = {"uri": blackbox_uri(cfg.blackbox.uri), "spec": bb_spec, "options": bb_opts}
 
     ds = read_source(spec, fs_in)
+    dups = duplicate_keys(spec, fs_in)
+    if dups:
+        # A repeated key is an error row on every row that carries it (see mark_duplicate_keys), never a silent
+        # duplicate in the output nor a row that resume would skip as done.
+        log.warning("%d keys repeat in the source (%d rows): those rows become 'duplicate key' error rows",
+                    len(dups), sum(dups.values()))
+        ds = ds.map_batches(mark_duplicate_keys, batch_format="pyarrow", batch_size=None, fn_kwargs={"counts": dups})
     ds = ds.map_batches(decode_batch, batch_size=r.decode_batch_size, batch_format="numpy", num_cpus=r.decode_cpus,
                         fn_kwargs={"size": model_size, "channels": model_channels,
                                    "policy": cfg.source.decode_policy, "max_bytes": cfg.source.max_image_bytes})
@@ -183,7 +197,9 @@ def run_sanitize(cfg: JobConfig) -> Summary:
     ctx.target_max_block_size = cfg.resources.max_block_kib * 1024
     id_col = inspect_source(spec, fs_in).id_column
     if cfg.output.resume and id_col:
-        ctx.checkpoint_config = checkpoint_config(spec, f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}", fs_out)
+        # A URI, not the filesystem path: checkpoint_config resolves it against fs_out itself.
+        out_uri = _local_abs(cfg.output.uri).rstrip("/")
+        ctx.checkpoint_config = checkpoint_config(spec, f"{out_uri}/{CHECKPOINT_DIR}", fs_out)
     else:
         ctx.checkpoint_config = None
         if cfg.output.resume:

@@ -10,6 +10,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODELS_DIR = Path(os.environ.get("PIPELINE_MODELS_DIR", REPO_ROOT / "models"))
 
 
@@ -75,6 +76,14 @@ def load_model(name_or_path: str = "fmnist-tiny", device: str | torch.device = "
     source, preset = resolve_source(name_or_path)
     is_local = Path(source).is_dir()
     sub = "unet" if (not is_local or (Path(source) / "unet").is_dir()) else None
+    if is_local:
+        weights = Path(source) / (sub or "")
+        pickled = sorted(p.name for p in weights.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickled and not any(weights.glob("*.safetensors")):
+            raise FileNotFoundError(
+                f"cannot load diffusion model {name_or_path!r}: {weights} has pickled weights only "
+                f"({', '.join(pickled)}), which are refused because unpickling can run code; only safetensors "
+                "weights are loaded (convert with safetensors.torch.save_file)")
     try:
         unet = UNet2DModel.from_pretrained(source, subfolder=sub, use_safetensors=True)
     except OSError as exc:
