@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.config import JobConfig
 from pipeline.decode import decode_batch
+from pipeline.purify.cascade import DEFAULTS as CASCADE_DEFAULTS
 from pipeline.purify.models import REPO_ROOT
 from pipeline.sink import to_output_batch
 from pipeline.sources import (
@@ -157,7 +158,7 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
     ds = ds.map_batches(QueryStage, compute=ActorPoolStrategy(size=r.query_actors), num_cpus=r.query_cpus,
                         batch_size=r.query_batch_size, batch_format="numpy", fn_constructor_kwargs=query_kw)
     if cfg.purify.method == "cascade":
-        vote_original = bool(cfg.purify.params.get("vote_original", False))
+        vote_original = bool(cfg.purify.params.get("vote_original", CASCADE_DEFAULTS["vote_original"]))
         ds = ds.map_batches(EscalateStage, compute=pool, num_gpus=gpus, num_cpus=purify_cpus,
                             batch_size=r.purify_batch_size, batch_format="numpy", fn_constructor_kwargs=purify_kw)
         ds = ds.map_batches(VoteStage, compute=ActorPoolStrategy(size=r.query_actors), num_cpus=r.query_cpus,

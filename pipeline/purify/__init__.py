@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pipeline.purify.base import Purifier
+from pipeline.purify.cascade import DEFAULTS as CASCADE_DEFAULTS
 from pipeline.purify.cascade import Cascade
 from pipeline.purify.models import DiffusionModel, load_model
 from pipeline.purify.sampdetox import SampDetox
@@ -41,14 +42,14 @@ def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | 
     base's own params; unknown params raise a TypeError naming them."""
     params = dict(params or {})
     if method == "cascade":
-        base = params.pop("base", "sdedit")
-        k = params.pop("k", 3)
-        vote_original = params.pop("vote_original", False)
+        base = params.pop("base", CASCADE_DEFAULTS["base"])
+        k = params.pop("k", CASCADE_DEFAULTS["k"])
+        vote_original = params.pop("vote_original", CASCADE_DEFAULTS["vote_original"])
         if base == "cascade":
             raise ValueError("a cascade's base must be a single-pass method")
         if base == "sdedit":
-            params.setdefault("t_start", 250)
-            params.setdefault("steps", 10)
+            params.setdefault("t_start", CASCADE_DEFAULTS["t_start"])
+            params.setdefault("steps", CASCADE_DEFAULTS["steps"])
         return Cascade(build_purifier(base, model, params, dtype), k=k, vote_original=vote_original)  # type: ignore[arg-type]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted([*METHODS, 'cascade'])}")
