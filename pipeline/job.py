@@ -101,7 +101,18 @@ def init_ray(cfg: JobConfig) -> None:
         ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True)
 
 
-def preflight(cfg: JobConfig) -> tuple[SourceSpec, pafs.FileSystem, pafs.FileSystem, str]:
+@dataclass
+class Preflight:
+    spec: SourceSpec
+    fs_in: pafs.FileSystem
+    fs_out: pafs.FileSystem
+    out_path: str
+    id_column: str | None  # the reader-native unique column resume keys on
+    image_size: int
+    channels: int
+
+
+def preflight(cfg: JobConfig) -> Preflight:
     """Everything that can be wrong before any work starts: source, destination, black box, model, method."""
     from pipeline.purify import build_purifier, load_model
 
@@ -110,7 +121,7 @@ def preflight(cfg: JobConfig) -> tuple[SourceSpec, pafs.FileSystem, pafs.FileSys
                       key_column=s.key_column, label_column=s.label_column, endpoint_url=s.endpoint_url,
                       limit=s.limit)
     fs_in, _ = resolve_filesystem(spec.uri, spec.endpoint_url)
-    inspect_source(spec, fs_in)
+    info = inspect_source(spec, fs_in)
     out_uri = _local_abs(cfg.output.uri)
     fs_out, out_path = resolve_filesystem(out_uri, cfg.output.endpoint_url)
     check_writable(fs_out, out_path)
@@ -122,7 +133,7 @@ def preflight(cfg: JobConfig) -> tuple[SourceSpec, pafs.FileSystem, pafs.FileSys
         bb.close()
     model = load_model(cfg.model.name, "cpu")  # a bad model name or method fails here, not in 100 actors
     build_purifier(cfg.purify.method, model, cfg.purify.params)
-    return spec, fs_in, fs_out, out_path
+    return Preflight(spec, fs_in, fs_out, out_path, info.id_column, model.image_size, model.channels)
 
 
 def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_size: int, model_channels: int):
@@ -180,23 +191,15 @@ def run_sanitize(cfg: JobConfig) -> Summary:
     """Validate, build the plan, stream it to Parquet, and summarise what the output now holds."""
     from ray.data import DataContext
 
-    spec, fs_in, fs_out, out_path = preflight(cfg)
+    pre = preflight(cfg)
+    spec, fs_in, fs_out, out_path = pre.spec, pre.fs_in, pre.fs_out, pre.out_path
+    size, channels = pre.image_size, pre.channels
     init_ray(cfg)
-    from pipeline.purify.models import PRESETS
-
-    preset = PRESETS.get(cfg.model.name)
-    if preset is not None:
-        size, channels = preset.image_size, preset.channels
-    else:
-        from pipeline.purify import load_model
-
-        m = load_model(cfg.model.name, "cpu")
-        size, channels = m.image_size, m.channels
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.target_max_block_size = cfg.resources.max_block_kib * 1024
-    id_col = inspect_source(spec, fs_in).id_column
+    id_col = pre.id_column
     if cfg.output.resume and id_col:
         # A URI, not the filesystem path: checkpoint_config resolves it against fs_out itself.
         out_uri = _local_abs(cfg.output.uri).rstrip("/")
