@@ -23,14 +23,14 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from pipeline.datasets import load_fashion_mnist
+from pipeline.datasets import DATASETS, load_dataset
 from pipeline.purify.models import build_unet
 
 
 def load_images(data: str) -> np.ndarray:
-    """uint8 (N, C, H, W) training images: 'fmnist' or a folder of image files."""
-    if data == "fmnist":
-        return load_fashion_mnist("train")[0][:, None]
+    """uint8 (N, C, H, W) training images: a known dataset name ('fmnist', 'cifar10') or a folder of image files."""
+    if data in DATASETS:
+        return load_dataset(data, "train")[0]
     from PIL import Image
 
     files = sorted(p for p in Path(data).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})

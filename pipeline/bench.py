@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pipeline.datasets import DATASETS
 from pipeline.evaluate import evaluate, format_rows
 from pipeline.purify import build_purifier, load_model
 from pipeline.stages import pick_device
@@ -39,6 +40,10 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
                                            "vote_original": True}),
     ("cascade-400-s6-k5-orig", "cascade", {"base": "sdedit", "t_start": 400, "steps": 6, "k": 5,
                                            "vote_original": True}),
+    ("repair", "repair", {}),
+    ("repair-t2-500", "repair", {"t2": 500}),
+    ("repair-cascade-k3", "cascade", {"base": "repair", "k": 3, "vote_original": False}),
+    ("repair-cascade-k3-t2-500", "cascade", {"base": "repair", "t2": 500, "k": 3, "vote_original": False}),
 ]
 
 
@@ -80,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--n", type=int, default=300, help="test images per attack (clean and triggered each)")
     ap.add_argument("--attacks", default="badnets,blended,wanet,sig")
+    ap.add_argument("--data", default="fmnist", choices=DATASETS, help="test images (cifar10: hub or CIFAR10_DIR)")
+    ap.add_argument("--victims", type=Path, default=None,
+                    help="folder of <attack>.onnx victims (default: the embedded Fashion-MNIST ones)")
     ap.add_argument("--only", help="comma-separated labels or methods from the grid")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -99,21 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         defense = build_purifier(method, model, params, dtype=args.dtype)
         t0 = time.time()
         got = evaluate(defense, attacks, n=args.n, seed=args.seed, batch_size=args.batch_size, method=method,
-                       params=params)
+                       params=params, data=args.data, victims_dir=args.victims)
         for r in got:
             r["label"] = label
         rows += got
         print(f"[{time.time() - t_all:6.0f}s] {label}: {time.time() - t0:.0f}s", flush=True)
         print(format_rows(got), flush=True)
-    meta = {"model": args.model, "device": device, "dtype": args.dtype, "n": args.n, "seed": args.seed,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+    meta = {"model": args.model, "data": args.data, "device": device, "dtype": args.dtype, "n": args.n,
+            "seed": args.seed, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
             "seconds": round(time.time() - t_all, 1)}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     table = format_rows(sorted(rows, key=lambda r: (r["attack"], r["nfe"])))
     (args.out / "results.md").write_text(
-        f"Model {args.model} on {device} ({meta['gpu'] or platform.processor() or 'cpu'}), n={args.n} per attack, "
-        f"seed {args.seed}, {meta['seconds']}s.\n\n{table}\n")
+        f"Model {args.model}, data {args.data}, on {device} ({meta['gpu'] or platform.processor() or 'cpu'}), "
+        f"n={args.n} per attack, seed {args.seed}, {meta['seconds']}s.\n\n{table}\n")
     plot(rows, args.out / "pareto.png")
     print(f"\nwrote {args.out / 'results.md'}, results.json, pareto.png")
     return 0

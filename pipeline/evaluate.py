@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,8 @@ import psutil
 
 from pipeline.attacks import TARGET, apply_trigger
 from pipeline.blackbox import open_blackbox
-from pipeline.datasets import load_fashion_mnist
+from pipeline.blackbox.base import InputSpec
+from pipeline.datasets import load_dataset
 from pipeline.metrics import attack_metrics, flag_confusion
 from pipeline.purify import Cascade, Purifier, build_purifier, load_model
 from pipeline.purify.models import REPO_ROOT
@@ -62,11 +64,13 @@ class PeakRSS:
         return self.peak / 2**20
 
 
-def victim_classifier(attack: str) -> Callable[[np.ndarray], np.ndarray]:
-    path = VICTIMS_DIR / f"{attack}.onnx"
+def victim_classifier(attack: str, victims_dir: Path | None = None,
+                      shape: tuple[int, int] = (1, 28)) -> Callable[[np.ndarray], np.ndarray]:
+    """The ONNX victim for `attack`, taking uint8 images of (channels, size) = `shape`."""
+    path = Path(victims_dir or VICTIMS_DIR) / f"{attack}.onnx"
     if not path.exists():
         raise FileNotFoundError(f"no victim for {attack!r} at {path}: train one with jobs/train_victim.py")
-    bb = open_blackbox(f"onnx:{path}")
+    bb = open_blackbox(f"onnx:{path}", InputSpec(size=shape[1], channels=shape[0]))
 
     def classify(x: np.ndarray) -> np.ndarray:
         pred = bb.predict(np.ascontiguousarray(x))
@@ -115,21 +119,22 @@ def run_defense(defense: Purifier | Cascade, images: np.ndarray, keys: Sequence[
     return Pass(classify(p.images), classify(images), p.nfe, p.seconds)
 
 
-def eval_images(n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = load_fashion_mnist("test")
+def eval_images(n: int, offset: int = 0, data: str = "fmnist") -> tuple[np.ndarray, np.ndarray]:
+    images, labels = load_dataset(data, "test")
     idx = np.arange(offset, offset + n) % len(images)
-    return images[idx][:, None], labels[idx]
+    return images[idx], labels[idx]
 
 
 def evaluate(defense: Purifier | Cascade, attacks: Sequence[str], n: int = 500, seed: int = 0,
-             batch_size: int = 256, method: str = "", params: dict[str, Any] | None = None) -> list[dict]:
+             batch_size: int = 256, method: str = "", params: dict[str, Any] | None = None,
+             data: str = "fmnist", victims_dir: Path | None = None) -> list[dict]:
     """One row per attack: CA, PA, ASR, floor, flag precision/recall, mean NFE, img/s, peak RSS."""
-    clean, labels = eval_images(n)
+    clean, labels = eval_images(n, data=data)
     keys_clean = [f"clean-{i}" for i in range(n)]
     clean_purified: Purified | None = None
     rows = []
     for attack in attacks:
-        classify = victim_classifier(attack)
+        classify = victim_classifier(attack, victims_dir, (clean.shape[1], clean.shape[-1]))
         trig = apply_trigger(clean, attack)
         with PeakRSS() as mem:
             if not isinstance(defense, Cascade) and clean_purified is None:

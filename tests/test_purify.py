@@ -11,7 +11,7 @@ from pipeline.purify import build_purifier
 from pipeline.purify.cascade import Cascade, majority
 from pipeline.purify.degradations import parse_degradation
 from pipeline.purify.models import DiffusionModel
-from pipeline.purify.sampdetox import SampDetox
+from pipeline.purify.sampdetox import LocalRepair, SampDetox
 from pipeline.purify.sdedit import SDEdit
 from pipeline.purify.ssim import ssim_map
 from pipeline.purify.zip import ZIP
@@ -42,6 +42,7 @@ KEYS7 = [f"img-{i}" for i in range(7)]
     ("sdedit", {"t_start": 100, "steps": 4}),
     ("zip", {"degradation": "pool2", "t_start": 100, "steps": 4}),
     ("sampdetox", {"t1": 10, "t2": 40, "steps1": 3, "steps2": 5}),
+    ("repair", {"t1": 100, "t2": 100, "steps1": 3, "steps2": 4}),
 ])
 def test_same_result_alone_or_in_a_batch(model, method, params):
     p = build_purifier(method, model, params)
@@ -108,6 +109,64 @@ def test_sampdetox_noise_map_high_on_a_changed_patch_low_elsewhere(model):
     assert lv[11:14, 11:14].float().mean() > 80
     assert lv[:6, :6].max() == 0
     assert lv.max() <= 120
+
+
+class FixedMap(LocalRepair):
+    """LocalRepair with a given level map, to check what stage 2 does with it independently of stage 1."""
+
+    def __init__(self, model, levels: torch.Tensor, **kw) -> None:
+        super().__init__(model, **kw)
+        self.fixed = levels
+
+    def noise_levels(self, x, x_bar):
+        return self.fixed.expand(x.shape[0], 1, *x.shape[2:]).clone()
+
+
+def test_repair_changes_only_the_located_region_and_counts_nfe(model):
+    levels = torch.zeros(1, 1, 16, 16, dtype=torch.long)
+    levels[..., 10:14, 10:14] = 300
+    imgs = batch(3)
+    rep = FixedMap(model, levels, t1=50, t2=300, steps1=2, steps2=6)
+    calls = []
+    hook = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        res = rep(imgs, ["a", "b", "c"])
+    finally:
+        hook.remove()
+    out = res.uint8()
+    outside = np.ones((16, 16), bool)
+    outside[10:14, 10:14] = False
+    # Stage 2 starts from the input: pixels the map leaves at level 0 come back bit-exact.
+    assert np.array_equal(out[:, :, outside], imgs[:, :, outside])
+    assert (out[:, :, 10:14, 10:14] != imgs[:, :, 10:14, 10:14]).mean() > 0.5
+    assert res.nfe.tolist() == [8, 8, 8] and sum(calls) == 24
+    # An all-zero map asks for no repair: no stage-2 UNet call, the input comes back unchanged.
+    none = FixedMap(model, torch.zeros(1, 1, 16, 16, dtype=torch.long), t1=50, t2=300, steps1=2, steps2=6)
+    res0 = none(imgs, ["a", "b", "c"])
+    assert res0.nfe.tolist() == [2, 2, 2] and np.array_equal(res0.uint8(), imgs)
+
+
+def test_repair_locates_and_removes_a_bright_patch_the_paper_setting_keeps():
+    """The case ALGORITHMS.md calls out, on the embedded trained model: a white corner patch survives SampDetox's
+    weak first pass (so is never located) but not the repair's strong one."""
+    from pipeline.attacks import apply_trigger, badnets_box
+    from pipeline.datasets import load_fashion_mnist
+    from pipeline.purify import load_model
+
+    trained = load_model("fmnist-tiny", "cpu")
+    clean = load_fashion_mnist("test")[0][:12, None]
+    trig = apply_trigger(clean, "badnets")
+    rows, cols = badnets_box(28, 28)
+    keys = [f"k{i}" for i in range(12)]
+    paper = build_purifier("sampdetox", trained, {"t1": 20, "t2": 120, "steps1": 4, "steps2": 12})(trig, keys)
+    repair = build_purifier("repair", trained)(trig, keys)
+    patch_paper = paper.uint8()[:, 0, rows, cols].reshape(12, -1).mean(1)
+    patch_repair = repair.uint8()[:, 0, rows, cols].reshape(12, -1).mean(1)
+    assert (patch_paper > 200).mean() > 0.8
+    assert (patch_repair < 100).mean() > 0.8
+    # Away from the patch the repaired image stays close to the input (semantics kept).
+    far = np.abs(repair.uint8()[:, 0, :14, :14].astype(int) - trig[:, 0, :14, :14]).mean()
+    assert far < 25
 
 
 def test_ssim_map_matches_skimage():

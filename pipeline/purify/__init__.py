@@ -11,7 +11,7 @@ from pipeline.purify.base import Purifier
 from pipeline.purify.cascade import DEFAULTS as CASCADE_DEFAULTS
 from pipeline.purify.cascade import Cascade
 from pipeline.purify.models import DiffusionModel, load_model
-from pipeline.purify.sampdetox import SampDetox
+from pipeline.purify.sampdetox import LocalRepair, SampDetox
 from pipeline.purify.sampling import PurifyResult
 from pipeline.purify.sdedit import SDEdit
 from pipeline.purify.zip import ZIP
@@ -33,7 +33,8 @@ class Identity(Purifier):
         return PurifyResult(x, torch.zeros(x.shape[0], dtype=torch.long))
 
 
-METHODS: dict[str, type[Purifier]] = {"none": Identity, "sdedit": SDEdit, "zip": ZIP, "sampdetox": SampDetox}
+METHODS: dict[str, type[Purifier]] = {"none": Identity, "sdedit": SDEdit, "zip": ZIP, "sampdetox": SampDetox,
+                                     "repair": LocalRepair}
 
 
 def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | None = None,

@@ -5,6 +5,13 @@ Defaults are the paper's (t1 = 20, t2 = 120, full DDPM steps, on the model's own
 public code, on purpose: noise is drawn per image (seeded by key), stage 2 is vectorised with masks (no per-pixel
 loop), SSIM uses the data range of the [-1, 1] inputs, and `steps1` / `steps2` allow DDIM-style striding. Images
 whose map asks for no strong noise skip the UNet in stage 2, so NFE is counted per image.
+
+`LocalRepair` ("repair") is our variant for high-visibility triggers, which the paper's weak first pass never
+changes and so never locates: a *strong* first pass only to locate (whatever it removed, a bright patch included,
+shows in the SSIM map), then stage 2 starts from the *input* (`start="input"`), so pixels the map leaves alone
+come back unchanged and the image keeps its meaning, and pixels that have not joined yet are re-noised to the
+loop's current level each step (`pin="renoise"`, as in differential diffusion), so the UNet always sees one
+consistent noise level.
 """
 
 from __future__ import annotations
@@ -29,25 +36,35 @@ from pipeline.purify.sampling import (
 )
 from pipeline.purify.ssim import ssim_map
 
+STARTS = ("detoxed", "input")
+PINS = ("wait", "renoise")
+
 
 class SampDetox(Purifier):
     name = "sampdetox"
 
     def __init__(self, model: DiffusionModel, t1: int = 20, t2: int = 120, steps1: int | None = None,
-                 steps2: int | None = None, eta: float = 1.0, ssim_sigma: float = 1.5, **kw: Any) -> None:
+                 steps2: int | None = None, eta: float = 1.0, ssim_sigma: float = 1.5, start: str = "detoxed",
+                 pin: str = "wait", **kw: Any) -> None:
         super().__init__(model, **kw)
         T = model.num_train_timesteps
         if not (1 <= t1 <= T and 1 <= t2 <= T):
             raise ValueError(f"t1 and t2 must be in [1, {T}], got {t1}, {t2}")
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        if pin not in PINS:
+            raise ValueError(f"pin must be one of {PINS}, got {pin!r}")
         self.t1, self.t2 = int(t1), int(t2)
         self.steps1 = int(steps1 or t1)
         self.steps2 = int(steps2 or t2)
         state_grid(self.t1, self.steps1)
         state_grid(self.t2, self.steps2)
         self.eta, self.ssim_sigma = float(eta), float(ssim_sigma)
+        self.start, self.pin = start, pin
 
     def params(self) -> dict[str, Any]:
-        return {"t1": self.t1, "t2": self.t2, "steps1": self.steps1, "steps2": self.steps2, "eta": self.eta}
+        return {"t1": self.t1, "t2": self.t2, "steps1": self.steps1, "steps2": self.steps2, "eta": self.eta,
+                "start": self.start, "pin": self.pin}
 
     @property
     def nominal_nfe(self) -> float:
@@ -69,9 +86,15 @@ class SampDetox(Purifier):
         grid = state_grid(self.t2, self.steps2)
         ascending = torch.tensor(grid[::-1], device=x.device)
         levels = self.noise_levels(x, x_bar)
-        # Snap each pixel's level down onto the step grid so it joins the loop exactly at one of its states.
-        q = ascending[torch.searchsorted(ascending, levels, right=True) - 1]
-        cur = q_sample(self.model, x_bar, q, noise_like(x, gens))
+        # Snap each pixel's level onto the step grid so it joins the loop exactly at one of its states: down in
+        # the paper's mode; up when repairing from the input, where too little noise would hand the trigger back.
+        if self.pin == "renoise":
+            q = ascending[torch.searchsorted(ascending, levels, right=False)]
+        else:
+            q = ascending[torch.searchsorted(ascending, levels, right=True) - 1]
+        base = x_bar if self.start == "detoxed" else x
+        eps0 = noise_like(x, gens)
+        cur = q_sample(self.model, base, q, eps0)
         for t, t_prev in zip(grid[:-1], grid[1:]):
             noise = noise_like(x, gens) if self.eta > 0 else None  # drawn for every image: keeps streams aligned
             active = q >= t
@@ -79,9 +102,23 @@ class SampDetox(Purifier):
             if rows.numel() == 0:
                 continue
             xs = cur[rows]
+            if self.pin == "renoise":
+                xs = torch.where(active[rows], xs, q_sample(self.model, base[rows], t, eps0[rows]))
             eps = predict_eps(self.model, xs, t, self.dtype)
             step, _ = ddim_step(xs, eps, abar(self.model, t), abar(self.model, t_prev), self.eta,
                                 None if noise is None else noise[rows])
-            cur[rows] = torch.where(active[rows], step, xs)
+            cur[rows] = torch.where(active[rows], step, cur[rows])
             nfe[rows.cpu()] += 1
         return PurifyResult(cur.clamp(-1, 1), nfe)
+
+
+class LocalRepair(SampDetox):
+    """Strong global pass to locate, local repair from the input (see the module docstring). 14 NFE by default."""
+
+    name = "repair"
+
+    def __init__(self, model: DiffusionModel, t1: int = 400, t2: int = 400, steps1: int | None = 6,
+                 steps2: int | None = 8, eta: float = 0.0, ssim_sigma: float = 1.5, start: str = "input",
+                 pin: str = "renoise", **kw: Any) -> None:
+        super().__init__(model, t1=t1, t2=t2, steps1=steps1, steps2=steps2, eta=eta, ssim_sigma=ssim_sigma,
+                         start=start, pin=pin, **kw)
