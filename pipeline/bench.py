@@ -40,10 +40,10 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
                                            "vote_original": True}),
     ("cascade-400-s6-k5-orig", "cascade", {"base": "sdedit", "t_start": 400, "steps": 6, "k": 5,
                                            "vote_original": True}),
+    ("repair-t2-400", "repair", {"t2": 400}),
     ("repair", "repair", {}),
-    ("repair-t2-500", "repair", {"t2": 500}),
-    ("repair-cascade-k3", "cascade", {"base": "repair", "k": 3, "vote_original": False}),
-    ("repair-cascade-k3-t2-500", "cascade", {"base": "repair", "t2": 500, "k": 3, "vote_original": False}),
+    ("repair-cascade-k3-t2-400", "cascade", {"base": "repair", "t2": 400, "k": 3, "vote_original": False}),
+    ("repair-cascade-k3", "cascade", {"base": "repair", "k": 3, "vote_original": False}),  # the default method
 ]
 
 

@@ -45,7 +45,7 @@ def test_sanitize_from_s3_through_v2_back_to_s3(ray_local, s3_server, v2_server,
         f"source.uri=s3://{bucket}/in", f"source.format={fmt}", f"source.endpoint_url={s3_server.endpoint_url}",
         f"output.uri=s3://{bucket}/out", f"output.endpoint_url={s3_server.endpoint_url}",
         f"blackbox.uri={v2_server.url}", f"purify.method={method}",
-        *FAST, *(["purify.params={t_start: 100, steps: 2, k: 2}"] if method == "cascade" else []),
+        *FAST, *(["purify.params={t1: 100, t2: 100, steps1: 2, steps2: 2, k: 2}"] if method == "cascade" else []),
     ])
     summary = run_sanitize(cfg)
     table = read_output(fs, f"{bucket}/out")

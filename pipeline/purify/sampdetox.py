@@ -113,11 +113,14 @@ class SampDetox(Purifier):
 
 
 class LocalRepair(SampDetox):
-    """Strong global pass to locate, local repair from the input (see the module docstring). 14 NFE by default."""
+    """Strong global pass to locate, local repair from the input (see the module docstring). 14 NFE by default.
+
+    t2 = 500 rather than 400: on the benchmark it takes BadNets' ASR from .067 to .027 for 3 points of CA, which
+    the cascade's vote wins back."""
 
     name = "repair"
 
-    def __init__(self, model: DiffusionModel, t1: int = 400, t2: int = 400, steps1: int | None = 6,
+    def __init__(self, model: DiffusionModel, t1: int = 400, t2: int = 500, steps1: int | None = 6,
                  steps2: int | None = 8, eta: float = 0.0, ssim_sigma: float = 1.5, start: str = "input",
                  pin: str = "renoise", **kw: Any) -> None:
         super().__init__(model, t1=t1, t2=t2, steps1=steps1, steps2=steps2, eta=eta, ssim_sigma=ssim_sigma,
