@@ -84,7 +84,7 @@ def main() -> None:
           f"| ratio end-to-end / bare | {e2e / bare:.2f} |\n"
           f"| peak PSS, {args.n} images | {mem1:.0f} MiB |\n"
           f"| peak PSS, {args.n * args.scale} images ({wall10:.0f}s) | {mem10:.0f} MiB |\n"
-          f"| ratio 10x / 1x | {mem10 / mem1:.2f} |")
+          f"| ratio {args.scale}x / 1x | {mem10 / mem1:.2f} |")
 
 
 if __name__ == "__main__":

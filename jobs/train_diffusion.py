@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from an exported model folder (its unet/ weights) instead of random weights; "
+                         "the optimizer, LR schedule and EMA start fresh")
     ap.add_argument("--schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
     ap.add_argument("--t-focus", type=int, default=500,
                     help="half of each batch draws t below this: purification only ever starts at t <= ~500")
@@ -72,6 +75,13 @@ def main() -> None:
     n, c, h, _ = images.shape
     data = torch.from_numpy(images).to(dev)
     unet = build_unet(h, c, args.width).to(dev)
+    if args.init:
+        from diffusers import UNet2DModel
+
+        unet = UNet2DModel.from_pretrained(args.init, subfolder="unet", use_safetensors=True).to(dev)
+        unet.requires_grad_(True)
+    init_meta = json.loads((args.init / "training.json").read_text()) if args.init and (
+        args.init / "training.json").exists() else {}
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=args.schedule)
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
@@ -100,12 +110,16 @@ def main() -> None:
         ema_unet = copy.deepcopy(unet)
         ema.copy_to(ema_unet.parameters())
         meta = {"command": "python jobs/train_diffusion.py " + " ".join(
-                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in {"out", "ckpt_dir"}),
-                "steps": step, "batch": args.batch, "samples_seen": step * args.batch,
-                "train_seconds": round(elapsed, 1), "device": str(dev),
+                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                    if k not in {"out", "ckpt_dir"} and v is not None),
+                "steps": step, "batch": args.batch,
+                "samples_seen": step * args.batch + init_meta.get("samples_seen", 0),
+                "train_seconds": round(elapsed + init_meta.get("train_seconds", 0), 1), "device": str(dev),
                 "final_loss_ema100": float(np.mean(losses[-100:])) if losses else None,
                 "parameters": sum(p.numel() for p in unet.parameters()), "schedule": args.schedule,
                 "data": args.data, "num_images": int(n)}
+        if init_meta:
+            meta["init"] = init_meta  # the run this one continued: totals above include it
         export(ema_unet, sched, args.out, meta)
 
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=10)
