@@ -24,7 +24,6 @@ from pipeline.stages import pick_device
 # (label, method, params). The first rows are the baselines as published; the last ones are ours.
 GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("none", "none", {}),
-    ("sdedit-150", "sdedit", {"t_start": 150, "steps": 10}),
     ("sdedit-200", "sdedit", {"t_start": 200, "steps": 10}),
     ("sdedit-250", "sdedit", {"t_start": 250, "steps": 10}),
     ("sdedit-300", "sdedit", {"t_start": 300, "steps": 10}),
@@ -34,16 +33,20 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("zip-blur2", "zip", {"degradation": "blur2", "t_start": 400, "steps": 20}),
     ("sampdetox-paper", "sampdetox", {"t1": 20, "t2": 120}),
     ("sampdetox-ddim", "sampdetox", {"t1": 60, "t2": 250, "steps1": 6, "steps2": 12}),
-    ("cascade-250-k3", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "k": 3}),
-    ("cascade-250-k5", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "k": 5}),
-    ("cascade-350-s6-k5-orig", "cascade", {"base": "sdedit", "t_start": 350, "steps": 6, "k": 5,
-                                           "vote_original": True}),
-    ("cascade-400-s6-k5-orig", "cascade", {"base": "sdedit", "t_start": 400, "steps": 6, "k": 5,
-                                           "vote_original": True}),
-    ("repair-t2-400", "repair", {"t2": 400}),
     ("repair", "repair", {}),
-    ("repair-cascade-k3-t2-400", "cascade", {"base": "repair", "t2": 400, "k": 3, "vote_original": False}),
-    ("repair-cascade-k3", "cascade", {"base": "repair", "k": 3, "vote_original": False}),  # the default method
+    ("cascade-250-k3", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "eta": 0.0, "k": 3,
+                                   "escalate": "flip"}),
+    ("cascade-250-k5", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "eta": 0.0, "k": 5,
+                                   "escalate": "flip"}),
+    ("cascade-400-s6-k5-orig", "cascade", {"base": "sdedit", "t_start": 400, "steps": 6, "eta": 0.0, "k": 5,
+                                           "vote_original": True, "escalate": "flip"}),
+    ("repair-cascade-k3", "cascade", {"base": "repair", "k": 3, "escalate": "flip"}),
+    ("vote-300-k3-s6", "cascade", {"base": "sdedit", "t_start": 300, "steps": 6, "eta": 1.0, "k": 3,
+                                   "escalate": "always"}),
+    ("vote-300-k5-s8", "cascade", {"base": "sdedit", "t_start": 300, "steps": 8, "eta": 1.0, "k": 5,
+                                   "escalate": "always"}),  # the default method
+    ("vote-300-k5-s6", "cascade", {"base": "sdedit", "t_start": 300, "steps": 6, "eta": 1.0, "k": 5,
+                                   "escalate": "always"}),
 ]
 
 

@@ -1,9 +1,9 @@
 """The sanitize job as one linear Ray Data plan, top to bottom:
 
-    read -> decode -> purify (GPU actors) -> query (CPU actors) [-> escalate (GPU) -> vote (CPU)] -> encode -> write
+    read -> decode -> purify (GPU actors) -> query (CPU actors) [-> escalate (GPU) -> vote (CPU)] x (k-1) -> write
 
-Linear on purpose: Ray Data's checkpointed resume only applies to Read -> maps -> Write, so the cascade's
-escalation is two more maps (rows that did not flip pass through) rather than a second dataset.
+Linear on purpose: Ray Data's checkpointed resume only applies to Read -> maps -> Write, so each of the cascade's
+extra passes is two more maps (rows whose vote is already decided pass through) rather than a second dataset.
 """
 
 from __future__ import annotations
@@ -169,12 +169,17 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
     ds = ds.map_batches(QueryStage, compute=ActorPoolStrategy(size=r.query_actors), num_cpus=r.query_cpus,
                         batch_size=r.query_batch_size, batch_format="numpy", fn_constructor_kwargs=query_kw)
     if cfg.purify.method == "cascade":
-        vote_original = bool(cfg.purify.params.get("vote_original", CASCADE_DEFAULTS["vote_original"]))
-        ds = ds.map_batches(EscalateStage, compute=pool, num_gpus=gpus, num_cpus=purify_cpus,
-                            batch_size=r.purify_batch_size, batch_format="numpy", fn_constructor_kwargs=purify_kw)
-        ds = ds.map_batches(VoteStage, compute=ActorPoolStrategy(size=r.query_actors), num_cpus=r.query_cpus,
-                            batch_size=r.query_batch_size, batch_format="numpy",
-                            fn_constructor_kwargs={**query_kw, "vote_original": vote_original})
+        params = cfg.purify.params
+        vote_original = bool(params.get("vote_original", CASCADE_DEFAULTS["vote_original"]))
+        k = int(params.get("k", CASCADE_DEFAULTS["k"]))
+        for j in range(1, k):  # one purify + query round per extra pass: each round's rows depend on the votes so far
+            ds = ds.map_batches(EscalateStage, compute=pool, num_gpus=gpus, num_cpus=purify_cpus,
+                                batch_size=r.purify_batch_size, batch_format="numpy",
+                                fn_constructor_kwargs={**purify_kw, "pass_index": j})
+            ds = ds.map_batches(VoteStage, compute=ActorPoolStrategy(size=r.query_actors), num_cpus=r.query_cpus,
+                                batch_size=r.query_batch_size, batch_format="numpy",
+                                fn_constructor_kwargs={**query_kw, "vote_original": vote_original,
+                                                       "pass_index": j, "last": j == k - 1})
     return ds
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.purify import build_purifier, load_model
-from pipeline.purify.cascade import Cascade, escalation_seeds, finish_cascade
+from pipeline.purify.cascade import Cascade, escalation_seeds, finish_cascade, needs_pass
 from pipeline.sink import is_empty_error
 
 log = logging.getLogger(__name__)
@@ -133,50 +133,64 @@ class QueryStage:
 
 
 class EscalateStage(PurifyStage):
-    """Cascade only: k-1 more passes (other seeds) for rows whose label flipped; other rows pass through."""
+    """Cascade only, one per extra pass j (1 <= j < k): pass j (its own seed) for the rows whose vote is still
+    open (`needs_pass`); other rows pass through. Carries `votes` (N, k) and `passes` (N, k, C, H, W) onwards."""
+
+    def __init__(self, pass_index: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        assert self.cascade is not None, "EscalateStage needs method=cascade"
+        if not 1 <= pass_index < self.cascade.k:
+            raise ValueError(f"pass_index must be in [1, {self.cascade.k}), got {pass_index}")
+        self.j = pass_index
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        assert self.cascade is not None, "EscalateStage needs method=cascade"
+        c, j = self.cascade, self.j
+        assert c is not None
         n = len(batch["key"])
-        k = self.cascade.k
-        extra = np.zeros((n, max(k - 1, 0), *batch["image"].shape[1:]), dtype=np.uint8)
-        rows = np.flatnonzero(_ok_rows(batch) & batch["flagged"])
-        nfe = np.array(batch["nfe"], dtype=np.float32)  # blocks arrive read-only (zero-copy from the store)
+        if j == 1:
+            votes = np.full((n, c.k), -1, np.int64)
+            votes[:, 0] = batch["pred_purified"]
+            passes = np.zeros((n, c.k, *batch["image"].shape[1:]), dtype=np.uint8)
+            passes[:, 0] = batch["purified"]
+        else:  # blocks arrive read-only (zero-copy from the object store)
+            votes, passes = np.array(batch["votes"]), np.array(batch["passes"])
+        open_rows = needs_pass(batch["pred_orig"], votes[:, :j], c.k, c.escalate, c.vote_original)
+        rows = np.flatnonzero(_ok_rows(batch) & open_rows)
+        nfe = np.array(batch["nfe"], dtype=np.float32)
         if rows.size:
             keys = [str(x) for x in batch["key"][rows]]
             with torch.inference_mode():
-                for j, s in enumerate(escalation_seeds(self.seed, k)):
-                    res = self.purifier(batch["image"][rows], keys, s)
-                    extra[rows, j] = res.uint8()
-                    nfe[rows] += res.nfe.numpy()
-        batch["nfe"] = nfe
-        batch["extra"] = extra
-        batch["escalated"] = np.isin(np.arange(n), rows)
+                res = self.purifier(batch["image"][rows], keys, escalation_seeds(self.seed, c.k)[j - 1])
+            passes[rows, j] = res.uint8()
+            nfe[rows] += res.nfe.numpy()
+        batch.update(nfe=nfe, votes=votes, passes=passes, pending=np.isin(np.arange(n), rows))
         return batch
 
 
 class VoteStage(QueryStage):
-    """Cascade only: query the extra passes of escalated rows, vote, and keep an image that carries the vote."""
+    """Cascade only, after each EscalateStage: query pass j of the rows that ran it; after the last pass, vote
+    and keep an image that carries the vote."""
 
-    def __init__(self, uri: str, spec: dict[str, Any], options: dict[str, Any], vote_original: bool) -> None:
+    def __init__(self, uri: str, spec: dict[str, Any], options: dict[str, Any], vote_original: bool,
+                 pass_index: int, last: bool) -> None:
         super().__init__(uri, spec, options)
-        self.vote_original = vote_original
+        self.vote_original, self.j, self.last = vote_original, pass_index, last
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        extra = batch.pop("extra")
-        escalated = batch.pop("escalated")
-        n, m = extra.shape[:2]
-        votes = np.full((n, 1 + m), -1, np.int64)
-        votes[:, 0] = batch["pred_purified"]
-        rows = np.flatnonzero(escalated & _ok_rows(batch))
-        if rows.size and m:
-            flat = extra[rows].reshape(rows.size * m, *extra.shape[2:])
-            pred = self.predict(flat)
-            votes[rows, 1:] = pred.labels.reshape(rows.size, m)
-            # A failed vote is only a missing vote; the first pass already gave this row a label.
-        passes = np.concatenate([batch["purified"][:, None], extra], 1)
+        pending = batch.pop("pending")
+        votes = np.array(batch["votes"])
+        rows = np.flatnonzero(pending & _ok_rows(batch))
+        if rows.size:
+            # A failed vote is only a missing vote (-1); the first pass already gave this row a label.
+            votes[rows, self.j] = self.predict(batch["passes"][rows, self.j]).labels
+        batch["votes"] = votes
+        if not self.last:
+            return batch
+        passes = batch.pop("passes")
+        batch.pop("votes")
         out = finish_cascade(batch["pred_orig"], votes, passes, batch["nfe"].astype(np.float64), self.vote_original)
         good = _ok_rows(batch)
+        escalated = (votes[:, 1:] >= 0).any(1)
         batch["purified"] = out.images
         batch["pred_purified"] = np.where(good, out.labels, batch["pred_purified"])
         batch["flag_score"] = np.where(good, out.flag_score, batch["flag_score"]).astype(np.float32)

@@ -86,13 +86,13 @@ def test_cifar10_victim_and_benchmark_end_to_end(cifar_dir, tmp_path):
 
     out = tmp_path / "bench"
     run = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--data", "cifar10", "--victims", str(victims),
-                          "--model", str(model), "--attacks", "badnets", "--n", "12", "--only", "none,sdedit-150",
+                          "--model", str(model), "--attacks", "badnets", "--n", "12", "--only", "none,sdedit-200",
                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["data"] == "cifar10"
     rows = {r["label"]: r for r in res["rows"]}
-    assert set(rows) == {"none", "sdedit-150"}
-    assert rows["none"]["nfe"] == 0 and rows["sdedit-150"]["nfe"] == 10
+    assert set(rows) == {"none", "sdedit-200"}
+    assert rows["none"]["nfe"] == 0 and rows["sdedit-200"]["nfe"] == 10
     assert all(0 <= r[m] <= 1 for r in rows.values() for m in ("ca", "pa", "asr"))
-    assert (out / "pareto.png").stat().st_size > 0 and "t_start=150" in (out / "results.md").read_text()
+    assert (out / "pareto.png").stat().st_size > 0 and "t_start=200" in (out / "results.md").read_text()

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.purify.base import Purifier
 from pipeline.purify.cascade import DEFAULTS as CASCADE_DEFAULTS
-from pipeline.purify.cascade import Cascade
+from pipeline.purify.cascade import SDEDIT_BASE, Cascade
 from pipeline.purify.models import DiffusionModel, load_model
 from pipeline.purify.sampdetox import LocalRepair, SampDetox
 from pipeline.purify.sampling import PurifyResult
@@ -39,19 +39,21 @@ METHODS: dict[str, type[Purifier]] = {"none": Identity, "sdedit": SDEdit, "zip":
 
 def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | None = None,
                    dtype: str = "float32") -> Purifier | Cascade:
-    """Construct (and so validate) a method. Cascade takes `base` (a method name), `k`, `vote_original`, and the
-    base's own params; unknown params raise a TypeError naming them."""
+    """Construct (and so validate) a method. Cascade takes `base` (a method name), `k`, `vote_original`,
+    `escalate`, and the base's own params; unknown params raise a TypeError naming them."""
     params = dict(params or {})
     if method == "cascade":
         base = params.pop("base", CASCADE_DEFAULTS["base"])
         k = params.pop("k", CASCADE_DEFAULTS["k"])
         vote_original = params.pop("vote_original", CASCADE_DEFAULTS["vote_original"])
+        escalate = params.pop("escalate", CASCADE_DEFAULTS["escalate"])
         if base == "cascade":
             raise ValueError("a cascade's base must be a single-pass method")
         if base == "sdedit":
-            params.setdefault("t_start", CASCADE_DEFAULTS["t_start"])
-            params.setdefault("steps", CASCADE_DEFAULTS["steps"])
-        return Cascade(build_purifier(base, model, params, dtype), k=k, vote_original=vote_original)  # type: ignore[arg-type]
+            for name, value in SDEDIT_BASE.items():
+                params.setdefault(name, value)
+        return Cascade(build_purifier(base, model, params, dtype), k=k,  # type: ignore[arg-type]
+                       vote_original=vote_original, escalate=escalate)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted([*METHODS, 'cascade'])}")
     try:

@@ -1,9 +1,16 @@
-"""Query-guided cascade: purify once, ask the black box about the original and the purified image, and only where
-the two labels differ spend k-1 more passes (other seeds) and take the majority label.
+"""Query-guided cascade: purify, ask the black box, and spend more passes only where the answers call for it.
 
-Clean images rarely flip, so the extra NFE lands on triggered images; the vote undoes most clean images that a
-single noisy pass pushed into a wrong class. The black box is a plain callable here (uint8 batch -> labels), so
-this module stays free of Ray and HTTP; the pipeline runs the same steps as separate stages.
+Two escalation rules, both ending in a majority vote of up to k purified labels:
+- `flip` (the published flip cascade): rows whose first purified label equals the original label stop after one
+  pass; only rows whose label flipped get more passes. Clean images rarely flip, so the extra NFE lands on
+  triggered images, and the vote undoes most clean images that one noisy pass pushed into a wrong class.
+- `always` (ours): every row is voted on. A single pass that leaves a trigger intact decides a flip cascade's
+  answer; a vote needs most passes to fail, so ASR falls from p to about 3p^2 for k = 3.
+Passes stop as soon as the vote is decided (the leader cannot be caught by the passes left), so `always` with k = 3
+costs two passes, and three only where the first two disagree.
+
+The black box is a plain callable here (uint8 batch -> labels), so this module stays free of Ray and HTTP; the
+pipeline runs the same rounds as separate stages, with `needs_pass` deciding each round's rows in both places.
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ from pipeline.purify.base import Purifier
 
 Classify = Callable[[np.ndarray], np.ndarray]
 
-# The best setting of `python -m pipeline bench` on the embedded model (see README): the repair pass (strong enough
-# to locate a bright patch, local enough to keep the image's meaning), 3 passes at most, purified labels vote.
-# t_start / steps apply only when the base is sdedit (the previous default: t 400, 6 steps, k 5, original votes).
-DEFAULTS: dict = {"base": "repair", "k": 3, "vote_original": False, "t_start": 400, "steps": 6}
+# The best setting of `python -m pipeline bench` on the embedded model (see README): a majority vote of up to 5
+# stochastic SDEdit passes (t 300, 8 DDIM steps, eta 1), stopped once decided: 2-3 passes on most rows, ~27 mean
+# NFE. The base's own defaults apply when the cascade's base is another method.
+DEFAULTS: dict = {"base": "sdedit", "k": 5, "vote_original": False, "escalate": "always"}
+SDEDIT_BASE: dict = {"t_start": 300, "steps": 8, "eta": 1.0}
+ESCALATE = ("flip", "always")
 
 
 def escalation_seeds(seed: int, k: int) -> list[int]:
@@ -49,56 +58,88 @@ def majority(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, agree
 
 
+def vote_counts(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the largest and the second-largest count of one label among valid votes (N, m); -1 = no vote."""
+    n = len(votes)
+    if votes.size == 0 or votes.max() < 0:
+        return np.zeros(n, np.int64), np.zeros(n, np.int64)
+    counts = np.zeros((n, int(votes.max()) + 1), np.int64)
+    r, c = np.nonzero(votes >= 0)
+    np.add.at(counts, (r, votes[r, c]), 1)
+    top2 = -np.sort(-counts, axis=1)[:, :2]
+    return top2[:, 0], (top2[:, 1] if top2.shape[1] > 1 else np.zeros(n, np.int64))
+
+
+def needs_pass(pred_orig: np.ndarray, votes: np.ndarray, k: int, escalate: str,
+               vote_original: bool = False) -> np.ndarray:
+    """Rows that get pass j = votes.shape[1] (1 <= j < k), given the purified labels of passes 0..j-1 (-1 = none).
+
+    A row stops once its vote is decided: the leading label leads by more than the passes left, so the final
+    majority is the one a full k-pass vote would give, ties included."""
+    if escalate not in ESCALATE:
+        raise ValueError(f"escalate must be one of {ESCALATE}, got {escalate!r}")
+    j = votes.shape[1]
+    want = votes[:, 0] != pred_orig if escalate == "flip" else np.ones(len(votes), bool)
+    pool = np.concatenate([votes, pred_orig[:, None]], 1) if vote_original else votes
+    first, second = vote_counts(pool)
+    return want & (first <= second + (k - j))
+
+
 @dataclass
 class CascadeOutcome:
     images: np.ndarray  # uint8 (N, C, H, W): for each row, a purified image whose label is the voted label
     pred_orig: np.ndarray
     pred_first: np.ndarray
     labels: np.ndarray  # the defended labels
-    flagged: np.ndarray  # first pass flipped the label
+    flagged: np.ndarray  # the defended label differs from the original one
     flag_score: np.ndarray  # share of purified votes that disagree with the original label
     nfe: np.ndarray
+    votes: np.ndarray  # (N, k) purified labels per pass, -1 where a pass did not run
 
 
 class Cascade:
-    """Wraps a base purifier; `k` passes at most per image, `vote_original` adds the original label as a voter."""
+    """Wraps a base purifier: `k` passes at most per image, escalated by `escalate` (`flip` or `always`);
+    `vote_original` adds the original label as a voter."""
 
     name = "cascade"
 
-    def __init__(self, base: Purifier, k: int = DEFAULTS["k"], vote_original: bool = DEFAULTS["vote_original"]) -> None:
+    def __init__(self, base: Purifier, k: int = DEFAULTS["k"], vote_original: bool = DEFAULTS["vote_original"],
+                 escalate: str = DEFAULTS["escalate"]) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.base, self.k, self.vote_original = base, int(k), bool(vote_original)
+        if escalate not in ESCALATE:
+            raise ValueError(f"escalate must be one of {ESCALATE}, got {escalate!r}")
+        self.base, self.k, self.vote_original, self.escalate = base, int(k), bool(vote_original), escalate
 
     def params(self) -> dict[str, Any]:
-        return {"base": self.base.name, **self.base.params(), "k": self.k, "vote_original": self.vote_original}
+        return {"base": self.base.name, **self.base.params(), "k": self.k, "vote_original": self.vote_original,
+                "escalate": self.escalate}
 
     @property
     def nominal_nfe(self) -> float:
-        return self.base.nominal_nfe  # per image when nothing flips; flipped rows cost k times that
+        # Per image when nothing escalates (flip) or the first two passes agree (always); at most k times the base.
+        return self.base.nominal_nfe * (1 if self.escalate == "flip" or self.k == 1 else 2)
 
     def run(self, images: np.ndarray | torch.Tensor, keys: Sequence[str], seed: int,
             classify: Classify) -> CascadeOutcome:
+        images = np.asarray(images)
         first = self.base(images, keys, seed)
         out = first.uint8()
+        n = len(out)
         nfe = first.nfe.numpy().astype(np.float64)
-        pred_orig = classify(np.asarray(images))
-        pred_first = classify(out)
-        flipped = pred_orig != pred_first
-        votes = [pred_first]
-        passes = [out]
-        rows = np.flatnonzero(flipped)
-        for s in escalation_seeds(seed, self.k):
-            col = np.full(len(out), -1, dtype=np.int64)
-            img = out.copy()
+        pred_orig = classify(images)
+        votes = np.full((n, self.k), -1, dtype=np.int64)
+        votes[:, 0] = classify(out)
+        passes = np.zeros((n, self.k, *out.shape[1:]), dtype=np.uint8)
+        passes[:, 0] = out
+        for j, s in enumerate(escalation_seeds(seed, self.k), start=1):
+            rows = np.flatnonzero(needs_pass(pred_orig, votes[:, :j], self.k, self.escalate, self.vote_original))
             if rows.size:
-                res = self.base(np.asarray(images)[rows], [keys[i] for i in rows], s)
-                img[rows] = res.uint8()
-                col[rows] = classify(img[rows])
+                res = self.base(images[rows], [keys[i] for i in rows], s)
+                passes[rows, j] = res.uint8()
+                votes[rows, j] = classify(passes[rows, j])
                 nfe[rows] += res.nfe.numpy()
-            votes.append(col)
-            passes.append(img)
-        return finish_cascade(pred_orig, np.stack(votes, 1), np.stack(passes, 1), nfe, self.vote_original)
+        return finish_cascade(pred_orig, votes, passes, nfe, self.vote_original)
 
 
 def finish_cascade(pred_orig: np.ndarray, votes: np.ndarray, passes: np.ndarray, nfe: np.ndarray,
@@ -111,4 +152,4 @@ def finish_cascade(pred_orig: np.ndarray, votes: np.ndarray, passes: np.ndarray,
     pick = np.argmax(votes == labels[:, None], axis=1)  # first pass that voted the winner (0 if none did)
     images = passes[np.arange(len(labels)), pick]
     return CascadeOutcome(images=images, pred_orig=pred_orig, pred_first=votes[:, 0], labels=labels,
-                          flagged=pred_orig != votes[:, 0], flag_score=disagree.astype(np.float32), nfe=nfe)
+                          flagged=labels != pred_orig, flag_score=disagree.astype(np.float32), nfe=nfe, votes=votes)
