@@ -74,12 +74,13 @@ def main() -> None:
     images = load_images(args.data)
     n, c, h, _ = images.shape
     data = torch.from_numpy(images).to(dev)
-    unet = build_unet(h, c, args.width).to(dev)
     if args.init:
         from diffusers import UNet2DModel
 
         unet = UNet2DModel.from_pretrained(args.init, subfolder="unet", use_safetensors=True).to(dev)
         unet.requires_grad_(True)
+    else:
+        unet = build_unet(h, c, args.width).to(dev)
     init_meta = json.loads((args.init / "training.json").read_text()) if args.init and (
         args.init / "training.json").exists() else {}
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=args.schedule)
