@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.purify.models import REPO_ROOT
 
-METHODS = ("none", "sdedit", "zip", "sampdetox", "repair", "cascade")
+METHODS = ("none", "sdedit", "zip", "sampdetox", "repair", "guided", "cascade")
 
 
 class _Section(BaseModel):
@@ -39,7 +39,7 @@ class ModelConfig(_Section):
 
 
 class PurifyConfig(_Section):
-    method: Literal["none", "sdedit", "zip", "sampdetox", "repair", "cascade"] = "cascade"
+    method: Literal["none", "sdedit", "zip", "sampdetox", "repair", "guided", "cascade"] = "cascade"
     seed: int = 0
     # Method-specific knobs, passed to the purifier's constructor and validated there (see pipeline/purify/).
     params: dict[str, Any] = Field(default_factory=dict)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from pipeline.purify import build_purifier
 from pipeline.purify.cascade import Cascade, escalation_seeds, majority, needs_pass
 from pipeline.purify.degradations import parse_degradation
+from pipeline.purify.filters import unsharp_mask
+from pipeline.purify.guided import Guided
 from pipeline.purify.models import DiffusionModel
 from pipeline.purify.sampdetox import LocalRepair, SampDetox
 from pipeline.purify.sdedit import SDEdit
@@ -43,6 +46,7 @@ KEYS7 = [f"img-{i}" for i in range(7)]
     ("zip", {"degradation": "pool2", "t_start": 100, "steps": 4}),
     ("sampdetox", {"t1": 10, "t2": 40, "steps1": 3, "steps2": 5}),
     ("repair", {"t1": 100, "t2": 100, "steps1": 3, "steps2": 4}),
+    ("guided", {"t_start": 100, "steps": 4, "locate_steps": 2, "guide_steps": 2}),
 ])
 def test_same_result_alone_or_in_a_batch(model, method, params):
     p = build_purifier(method, model, params)
@@ -61,6 +65,13 @@ def test_nfe_counts_exact(model):
     imgs = batch(3)
     assert SDEdit(model, t_start=200, steps=7)(imgs, ["a", "b", "c"]).nfe.tolist() == [7, 7, 7]
     assert ZIP(model, t_start=300, steps=5)(imgs, ["a", "b", "c"]).nfe.tolist() == [5, 5, 5]
+    calls = []
+    hook = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        res = Guided(model, t_start=200, steps=5, locate_steps=2)(imgs, ["a", "b", "c"])
+    finally:
+        hook.remove()
+    assert res.nfe.tolist() == [7, 7, 7] and sum(calls) == 21
     calls = []
     hook = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
@@ -89,6 +100,32 @@ def test_zip_output_is_consistent_with_the_measurement(deg):
     out = z(imgs, [str(i) for i in range(5)]).images
     assert (op(out) - op(x)).abs().mean() < 3e-2
     assert (op(out) - op(x)).abs().mean() < 0.1 * (op(torch.rand_like(x) * 2 - 1) - op(x)).abs().mean()
+
+
+def test_guided_trusts_only_blocks_the_locator_left_alone(model):
+    g = Guided(model, pool=2, tau=0.3)
+    x = torch.full((1, 1, 16, 16), -1.0)
+    x[..., 4:10, 3:12] = 0.4  # a garment
+    located = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    patched = x.clone()
+    patched[..., 12:15, 12:15] = 1.0  # a bright patch the locator removed
+    mask = g.trusted_blocks(patched, located)[0, 0]
+    assert mask[12:15, 12:15].sum() == 0 and mask[10:12, 10:12].sum() == 0  # the patch and its neighbour blocks
+    assert mask[:8].min() == 1 and mask[:, :8].min() == 1  # everything else, the garment included
+
+
+def test_guided_projection_holds_the_pool_and_switches_off(model):
+    imgs = np.random.default_rng(1).integers(96, 160, (4, 1, 16, 16), dtype=np.uint8)
+    keys = [str(i) for i in range(4)]
+    x = torch.as_tensor(imgs).float() / 127.5 - 1
+    # Every block trusted and every step guided: the output keeps the input's 2x2 means (ZIP's consistency, up to
+    # the final clamp to [-1, 1]).
+    out = Guided(model, t_start=300, steps=4, tau=2.0, guide_steps=4, sharpen=0.0)(imgs, keys).images
+    assert (F.avg_pool2d(out, 2) - F.avg_pool2d(x, 2)).abs().mean() < 3e-2
+    # No block trusted, or no step guided: the pool is free again.
+    for kw in ({"tau": 0.0, "guide_steps": 4}, {"tau": 2.0, "guide_steps": 0}):
+        free = Guided(model, t_start=300, steps=4, sharpen=0.0, **kw)(imgs, keys).images
+        assert (F.avg_pool2d(free, 2) - F.avg_pool2d(x, 2)).abs().mean() > 0.1
 
 
 def test_zip_blur_consistency_is_approximate(model):
@@ -182,6 +219,26 @@ def test_ssim_map_matches_skimage():
         assert np.abs(ours[i, 0].numpy() - ref).max() < 1e-4
 
 
+def test_unsharp_mask_matches_scipy():
+    from scipy.ndimage import gaussian_filter
+
+    x = torch.rand(3, 1, 20, 20, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    f = x.numpy()
+    ref = np.clip(f + 0.7 * (f - gaussian_filter(f, sigma=(0, 0, 1.2, 1.2), truncate=3.5)), -1, 1)
+    assert np.abs(unsharp_mask(x, 0.7, 1.2).numpy() - ref).max() < 1e-5
+    assert unsharp_mask(x, 0.0) is x
+
+
+def test_sharpen_is_the_unsharp_mask_of_the_unsharpened_output(model):
+    imgs = batch(3)
+    plain = SDEdit(model, t_start=100, steps=3, eta=1.0)(imgs, KEYS7[:3], seed=2)
+    sharp = build_purifier("sdedit", model, {"t_start": 100, "steps": 3, "eta": 1.0, "sharpen": 0.5})
+    out = sharp(imgs, KEYS7[:3], seed=2)
+    assert torch.allclose(out.images, unsharp_mask(plain.images, 0.5, 1.0), atol=1e-5)
+    assert torch.equal(out.nfe, plain.nfe)  # no UNet call
+    assert sharp.params()["sharpen"] == 0.5 and "sharpen" not in SDEdit(model).params()
+
+
 def test_bad_input_raises_clear_errors(model):
     p = SDEdit(model, t_start=50, steps=2)
     with pytest.raises(ValueError, match="N, C, H, W"):
@@ -202,6 +259,8 @@ def test_bad_input_raises_clear_errors(model):
         ZIP(tiny_model(size=18), degradation="pool4")
     with pytest.raises(TypeError, match="bad params"):
         build_purifier("sdedit", model, {"nonsense": 1})
+    with pytest.raises(ValueError, match="sharpen"):
+        build_purifier("sdedit", model, {"sharpen": -1})
     with pytest.raises(ValueError, match="unknown method"):
         build_purifier("magic", model)
 

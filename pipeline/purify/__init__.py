@@ -10,6 +10,7 @@ import torch
 from pipeline.purify.base import Purifier
 from pipeline.purify.cascade import DEFAULTS as CASCADE_DEFAULTS
 from pipeline.purify.cascade import SDEDIT_BASE, Cascade
+from pipeline.purify.guided import Guided
 from pipeline.purify.models import DiffusionModel, load_model
 from pipeline.purify.sampdetox import LocalRepair, SampDetox
 from pipeline.purify.sampling import PurifyResult
@@ -22,7 +23,7 @@ class Identity(Purifier):
 
     name = "none"
 
-    def params(self) -> dict[str, Any]:
+    def method_params(self) -> dict[str, Any]:
         return {}
 
     @property
@@ -34,7 +35,7 @@ class Identity(Purifier):
 
 
 METHODS: dict[str, type[Purifier]] = {"none": Identity, "sdedit": SDEdit, "zip": ZIP, "sampdetox": SampDetox,
-                                     "repair": LocalRepair}
+                                     "repair": LocalRepair, "guided": Guided}
 
 
 def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | None = None,

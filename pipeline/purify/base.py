@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.purify.filters import unsharp_mask
 from pipeline.purify.models import DiffusionModel
 from pipeline.purify.sampling import PurifyResult
 
@@ -37,7 +38,12 @@ class Purifier(ABC):
 
     name: str = "base"
 
-    def __init__(self, model: DiffusionModel, size_policy: str = "resize", dtype: str = "float32") -> None:
+    def __init__(self, model: DiffusionModel, size_policy: str = "resize", dtype: str = "float32",
+                 sharpen: float = 0.0, sharpen_sigma: float = 1.0) -> None:
+        if not 0.0 <= sharpen <= 3.0:
+            raise ValueError(f"sharpen (unsharp-mask amount) must be in [0, 3], got {sharpen}")
+        if not 0.3 <= sharpen_sigma <= 3.0:
+            raise ValueError(f"sharpen_sigma must be in [0.3, 3], got {sharpen_sigma}")
         if size_policy not in SIZE_POLICIES:
             raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
         if dtype not in DTYPES:
@@ -45,10 +51,16 @@ class Purifier(ABC):
         self.model = model
         self.size_policy = size_policy
         self.dtype = DTYPES[dtype]
+        self.sharpen, self.sharpen_sigma = float(sharpen), float(sharpen_sigma)
 
     @abstractmethod
+    def method_params(self) -> dict[str, Any]:
+        """The method's own knobs."""
+
     def params(self) -> dict[str, Any]:
         """The knobs that define this run (written next to every output row)."""
+        extra = {"sharpen": self.sharpen, "sharpen_sigma": self.sharpen_sigma} if self.sharpen else {}
+        return {**self.method_params(), **extra}
 
     @property
     @abstractmethod
@@ -71,7 +83,9 @@ class Purifier(ABC):
         s = self.model.image_size
         x_in, undo = self._fit(x, s)
         res = self._purify(x_in, keys, seed)
-        return PurifyResult(undo(res.images).clamp(-1, 1), res.nfe.cpu())
+        # At the model's size, before undoing the fit: the blur being undone is the sampler's, at its resolution.
+        out = unsharp_mask(res.images, self.sharpen, self.sharpen_sigma)
+        return PurifyResult(undo(out).clamp(-1, 1), res.nfe.cpu())
 
     def _fit(self, x: torch.Tensor, s: int):
         h, w = x.shape[-2:]

@@ -27,9 +27,10 @@ from pipeline.purify.base import Purifier
 Classify = Callable[[np.ndarray], np.ndarray]
 
 # The best setting of `python -m pipeline bench` on the embedded model (see README): a majority vote of up to 5
-# stochastic SDEdit passes (t 300, 8 DDIM steps, eta 1), stopped once decided: 2-3 passes on most rows, ~27 mean
-# NFE. The base's own defaults apply when the cascade's base is another method.
-DEFAULTS: dict = {"base": "sdedit", "k": 5, "vote_original": False, "escalate": "always"}
+# `guided` passes (its own defaults: t 300, 2 locator + 6 DDIM steps, eta 1, sharpened output), stopped once
+# decided: 2-3 passes on most rows, ~27 mean NFE. With `base: sdedit`, SDEDIT_BASE fills what the user leaves out
+# (the previous default's plain-SDEdit vote); other bases use their own defaults.
+DEFAULTS: dict = {"base": "guided", "k": 5, "vote_original": False, "escalate": "always"}
 SDEDIT_BASE: dict = {"t_start": 300, "steps": 8, "eta": 1.0}
 ESCALATE = ("flip", "always")
 

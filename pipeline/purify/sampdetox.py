@@ -62,7 +62,7 @@ class SampDetox(Purifier):
         self.eta, self.ssim_sigma = float(eta), float(ssim_sigma)
         self.start, self.pin = start, pin
 
-    def params(self) -> dict[str, Any]:
+    def method_params(self) -> dict[str, Any]:
         return {"t1": self.t1, "t2": self.t2, "steps1": self.steps1, "steps2": self.steps2, "eta": self.eta,
                 "start": self.start, "pin": self.pin}
 

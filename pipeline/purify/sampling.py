@@ -109,14 +109,17 @@ def reverse(
     eta: float = 0.0,
     project: Projection | None = None,
     dtype: torch.dtype = torch.float32,
+    project_steps: int | None = None,
 ) -> torch.Tensor:
-    """Run the reverse process from state t_start to 0 in `steps` UNet evaluations."""
+    """Run the reverse process from state t_start to 0 in `steps` UNet evaluations; `project` (if any) applies to
+    the first `project_steps` steps (all by default)."""
     grid = state_grid(t_start, steps)
     x = x_t
-    for t, t_prev in zip(grid[:-1], grid[1:]):
+    for i, (t, t_prev) in enumerate(zip(grid[:-1], grid[1:])):
         eps = predict_eps(model, x, t, dtype)
         noise = noise_like(x, gens) if eta > 0 else None
-        x, _ = ddim_step(x, eps, abar(model, t), abar(model, t_prev), eta, noise, project)
+        hook = project if project_steps is None or i < project_steps else None
+        x, _ = ddim_step(x, eps, abar(model, t), abar(model, t_prev), eta, noise, hook)
     return x.clamp(-1, 1)
 
 

@@ -23,7 +23,7 @@ class SDEdit(Purifier):
         state_grid(t_start, steps)  # validates steps
         self.t_start, self.steps, self.eta = int(t_start), int(steps), float(eta)
 
-    def params(self) -> dict[str, Any]:
+    def method_params(self) -> dict[str, Any]:
         return {"t_start": self.t_start, "steps": self.steps, "eta": self.eta}
 
     @property

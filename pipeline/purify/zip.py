@@ -35,7 +35,7 @@ class ZIP(Purifier):
         self.degradation, self.combine = degradation, combine
         self.t_start, self.steps, self.eta = int(t_start), int(steps), float(eta)
 
-    def params(self) -> dict[str, Any]:
+    def method_params(self) -> dict[str, Any]:
         return {"degradation": self.degradation, "t_start": self.t_start, "steps": self.steps, "eta": self.eta,
                 "combine": self.combine}
 
