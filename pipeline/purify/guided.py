@@ -1,7 +1,7 @@
 """Locate-then-guide SDEdit (ours): a stochastic SDEdit pass whose first steps are held to the input's coarse
 content, except where a quick unguided pass says the input's coarse content is not to be trusted.
 
-Why: one SDEdit pass at t 300 removes every trigger of the kit but moves 7-10% of clean images to another class
+Why: one SDEdit pass at t 300 removes every trigger of the kit but costs 7-10 points of clean accuracy
 (the model re-imagines collars and sleeves); ZIP keeps content by replacing the range space of a degradation (an
 average pool) with the input's at every step, but so keeps any trigger that lives there (a blend's offset, a
 sinusoid, a patch's blob). Here the projection x0' = A+ y + (I - A+ A) x0 (DDNM, as in ZIP) applies only
