@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.purify.base import Purifier
+from pipeline.purify.degradations import Pool
 from pipeline.purify.models import DiffusionModel
 from pipeline.purify.sampling import PurifyResult, generators, noise_like, q_sample, reverse, state_grid
 
@@ -41,8 +42,10 @@ class Guided(Purifier):
         state_grid(t_start, locate_steps)
         if not 0 <= guide_steps <= steps:
             raise ValueError(f"guide_steps must be in [0, steps={steps}], got {guide_steps}")
-        if pool < 1 or model.image_size % pool:
-            raise ValueError(f"pool must divide the model's image size {model.image_size}, got {pool}")
+        if pool < 1:
+            raise ValueError(f"pool must be >= 1, got {pool}")
+        self.op = Pool(int(pool))  # ZIP's operator: A = average pool, A+ = nearest upsampling
+        self.op.check(model.channels, model.image_size)
         if not 0.0 <= tau <= 2.0:
             raise ValueError(f"tau (largest trusted block difference, in [-1, 1] units) must be in [0, 2], got {tau}")
         self.t_start, self.steps, self.eta = int(t_start), int(steps), float(eta)
@@ -57,26 +60,20 @@ class Guided(Purifier):
     def nominal_nfe(self) -> float:
         return float(self.locate_steps + self.steps)
 
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x, self.pool)
-
-    def _up(self, y: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(y, scale_factor=self.pool, mode="nearest")
-
     def trusted_blocks(self, x: torch.Tensor, located: torch.Tensor) -> torch.Tensor:
         """1 on pixels whose pool block (and its 8 neighbours) the locator left within tau of the input, else 0."""
-        diff = (self._down(x) - self._down(located)).abs().amax(1, keepdim=True)
-        return self._up((F.max_pool2d(diff, 3, 1, 1) < self.tau).to(x.dtype))
+        diff = (self.op(x) - self.op(located)).abs().amax(1, keepdim=True)
+        return self.op.pinv((F.max_pool2d(diff, 3, 1, 1) < self.tau).to(x.dtype))
 
     def _purify(self, x: torch.Tensor, keys: Sequence[str], seed: int) -> PurifyResult:
         gens = generators(keys, seed)
         located = reverse(self.model, q_sample(self.model, x, self.t_start, noise_like(x, gens)), self.t_start,
                           self.locate_steps, gens, self.eta, dtype=self.dtype)
         mask = self.trusted_blocks(x, located)
-        back = self._up(self._down(x))
+        back = self.op.pinv(self.op(x))
 
         def project(x0: torch.Tensor) -> torch.Tensor:
-            return x0 + mask * (back - self._up(self._down(x0)))
+            return x0 + mask * (back - self.op.pinv(self.op(x0)))
 
         x_t = q_sample(self.model, x, self.t_start, noise_like(x, gens))
         out = reverse(self.model, x_t, self.t_start, self.steps, gens, self.eta, project=project,
