@@ -36,18 +36,19 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("sampdetox-ddim", "sampdetox", {"t1": 60, "t2": 250, "steps1": 6, "steps2": 12}),
     ("repair", "repair", {}),
     ("guided", "guided", {}),
+    # The published flip cascade and our earlier votes: the original label casts no ballot.
     ("cascade-250-k3", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "eta": 0.0, "k": 3,
-                                   "escalate": "flip"}),
+                                   "escalate": "flip", "original_votes": 0}),
     ("cascade-250-k5", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "eta": 0.0, "k": 5,
-                                   "escalate": "flip"}),
-    ("repair-cascade-k3", "cascade", {"base": "repair", "k": 3, "escalate": "flip"}),
+                                   "escalate": "flip", "original_votes": 0}),
+    ("repair-cascade-k3", "cascade", {"base": "repair", "k": 3, "escalate": "flip", "original_votes": 0}),
     ("vote-300-k5-s8", "cascade", {"base": "sdedit", "t_start": 300, "steps": 8, "eta": 1.0, "k": 5,
-                                   "escalate": "always"}),
+                                   "escalate": "always", "original_votes": 0}),
     ("vote-300-k5-s8-sharp", "cascade", {"base": "sdedit", "t_start": 300, "steps": 8, "eta": 1.0, "sharpen": 0.5,
-                                         "k": 5, "escalate": "always"}),
-    ("vote-guided-k5", "cascade", {"base": "guided", "k": 5, "escalate": "always"}),  # the default method
-    ("vote-300-k5-s6", "cascade", {"base": "sdedit", "t_start": 300, "steps": 6, "eta": 1.0, "k": 5,
-                                   "escalate": "always"}),
+                                         "k": 5, "escalate": "always", "original_votes": 0}),
+    ("vote-guided-k5", "cascade", {"base": "guided", "k": 5, "escalate": "always", "original_votes": 0}),
+    # The default method: the same vote, the original label casting 2 ballots where the victim gave it < .95.
+    ("vote-guided-k5-gate", "cascade", {"base": "guided", "k": 5, "escalate": "always"}),
 ]
 
 

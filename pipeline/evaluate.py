@@ -15,7 +15,7 @@ import psutil
 
 from pipeline.attacks import TARGET, apply_trigger
 from pipeline.blackbox import open_blackbox
-from pipeline.blackbox.base import InputSpec
+from pipeline.blackbox.base import InputSpec, Prediction
 from pipeline.datasets import load_dataset
 from pipeline.metrics import attack_metrics, flag_confusion
 from pipeline.purify import Cascade, Purifier, build_purifier, load_model
@@ -65,16 +65,16 @@ class PeakRSS:
 
 
 def victim_classifier(attack: str, victims_dir: Path | None = None,
-                      shape: tuple[int, int] = (1, 28)) -> Callable[[np.ndarray], np.ndarray]:
-    """The ONNX victim for `attack`, taking uint8 images of (channels, size) = `shape`."""
+                      shape: tuple[int, int] = (1, 28)) -> Callable[[np.ndarray], Prediction]:
+    """The ONNX victim for `attack`, taking uint8 images of (channels, size) = `shape`; answers with labels and
+    probabilities (the cascade's original-label gate reads them)."""
     path = Path(victims_dir or VICTIMS_DIR) / f"{attack}.onnx"
     if not path.exists():
         raise FileNotFoundError(f"no victim for {attack!r} at {path}: train one with jobs/train_victim.py")
     bb = open_blackbox(f"onnx:{path}", InputSpec(size=shape[1], channels=shape[0]))
 
-    def classify(x: np.ndarray) -> np.ndarray:
-        pred = bb.predict(np.ascontiguousarray(x))
-        return pred.labels
+    def classify(x: np.ndarray) -> Prediction:
+        return bb.predict(np.ascontiguousarray(x))
 
     return classify
 
@@ -106,7 +106,7 @@ def purify_all(defense: Purifier, images: np.ndarray, keys: Sequence[str], seed:
 
 
 def run_defense(defense: Purifier | Cascade, images: np.ndarray, keys: Sequence[str], seed: int,
-                classify: Callable[[np.ndarray], np.ndarray], batch_size: int = 256,
+                classify: Callable[[np.ndarray], Prediction], batch_size: int = 256,
                 purified: Purified | None = None) -> Pass:
     """Defended labels for `images`; single-pass methods may hand in images purified earlier (victim-independent)."""
     if isinstance(defense, Cascade):
@@ -116,7 +116,7 @@ def run_defense(defense: Purifier | Cascade, images: np.ndarray, keys: Sequence[
         return Pass(np.concatenate([o.labels for o in outs]), np.concatenate([o.pred_orig for o in outs]),
                     np.concatenate([o.nfe for o in outs]).astype(float), time.perf_counter() - t0)
     p = purified or purify_all(defense, images, keys, seed, batch_size)
-    return Pass(classify(p.images), classify(images), p.nfe, p.seconds)
+    return Pass(classify(p.images).labels, classify(images).labels, p.nfe, p.seconds)
 
 
 def eval_images(n: int, offset: int = 0, data: str = "fmnist") -> tuple[np.ndarray, np.ndarray]:

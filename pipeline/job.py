@@ -170,16 +170,16 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
                         batch_size=r.query_batch_size, batch_format="numpy", fn_constructor_kwargs=query_kw)
     if cfg.purify.method == "cascade":
         params = cfg.purify.params
-        vote_original = bool(params.get("vote_original", CASCADE_DEFAULTS["vote_original"]))
         k = int(params.get("k", CASCADE_DEFAULTS["k"]))
+        ballots = {name: params.get(name, CASCADE_DEFAULTS[name]) for name in ("original_votes", "original_below")}
         for j in range(1, k):  # one purify + query round per extra pass: each round's rows depend on the votes so far
             ds = ds.map_batches(EscalateStage, compute=pool, num_gpus=gpus, num_cpus=purify_cpus,
                                 batch_size=r.purify_batch_size, batch_format="numpy",
                                 fn_constructor_kwargs={**purify_kw, "pass_index": j})
             ds = ds.map_batches(VoteStage, compute=ActorPoolStrategy(size=r.query_actors), num_cpus=r.query_cpus,
                                 batch_size=r.query_batch_size, batch_format="numpy",
-                                fn_constructor_kwargs={**query_kw, "vote_original": vote_original,
-                                                       "pass_index": j, "last": j == k - 1})
+                                fn_constructor_kwargs={**query_kw, **ballots, "pass_index": j,
+                                                       "last": j == k - 1})
     return ds
 
 

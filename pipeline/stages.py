@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.purify import build_purifier, load_model
-from pipeline.purify.cascade import Cascade, escalation_seeds, finish_cascade, needs_pass
+from pipeline.purify.cascade import Cascade, escalation_seeds, finish_cascade, needs_pass, original_ballots
 from pipeline.sink import is_empty_error
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ class EscalateStage(PurifyStage):
             passes[:, 0] = batch["purified"]
         else:  # blocks arrive read-only (zero-copy from the object store)
             votes, passes = np.array(batch["votes"]), np.array(batch["passes"])
-        open_rows = needs_pass(batch["pred_orig"], votes[:, :j], c.k, c.escalate, c.vote_original)
+        ballots = c.ballots(batch["pred_orig"], batch["score_orig"])
+        open_rows = needs_pass(batch["pred_orig"], votes[:, :j], c.k, c.escalate, ballots)
         rows = np.flatnonzero(_ok_rows(batch) & open_rows)
         nfe = np.array(batch["nfe"], dtype=np.float32)
         if rows.size:
@@ -171,10 +172,11 @@ class VoteStage(QueryStage):
     """Cascade only, after each EscalateStage: query pass j of the rows that ran it; after the last pass, vote
     and keep an image that carries the vote."""
 
-    def __init__(self, uri: str, spec: dict[str, Any], options: dict[str, Any], vote_original: bool,
-                 pass_index: int, last: bool) -> None:
+    def __init__(self, uri: str, spec: dict[str, Any], options: dict[str, Any], original_votes: int,
+                 original_below: float | None, pass_index: int, last: bool) -> None:
         super().__init__(uri, spec, options)
-        self.vote_original, self.j, self.last = vote_original, pass_index, last
+        self.original_votes, self.original_below = original_votes, original_below
+        self.j, self.last = pass_index, last
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pending = batch.pop("pending")
@@ -188,7 +190,8 @@ class VoteStage(QueryStage):
             return batch
         passes = batch.pop("passes")
         batch.pop("votes")
-        out = finish_cascade(batch["pred_orig"], votes, passes, batch["nfe"].astype(np.float64), self.vote_original)
+        ballots = original_ballots(batch["pred_orig"], batch["score_orig"], self.original_votes, self.original_below)
+        out = finish_cascade(batch["pred_orig"], votes, passes, batch["nfe"].astype(np.float64), ballots)
         good = _ok_rows(batch)
         escalated = (votes[:, 1:] >= 0).any(1)
         batch["purified"] = out.images

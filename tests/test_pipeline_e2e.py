@@ -58,8 +58,19 @@ def test_sanitize_from_s3_through_v2_back_to_s3(ray_local, s3_server, v2_server,
         assert table.schema.field(f.name).type == f.type, f.name
     assert table["error"].null_count == table.num_rows, table["error"].drop_null().to_pylist()[:3]
     rows = table.to_pylist()
-    # escalate: always gives every cascade row two passes or more.
-    assert all(r["method"] == method and r["nfe"] >= (4 if method == "cascade" else 2) for r in rows)
+    assert all(r["method"] == method for r in rows)
+    if method == "cascade":
+        # 3 NFE a pass, k 2, escalate always: both passes on every row, except where the black box was unsure of
+        # the original label (p < .95: its 2 ballots count) and the first pass agreed: decided after one pass.
+        for r in rows:
+            assert r["nfe"] in (3, 6), r
+            if r["nfe"] == 3:
+                assert r["score_orig"] < 0.95 and r["pred_purified"] == r["pred_orig"], r
+            if r["score_orig"] >= 0.95:
+                assert r["nfe"] == 6, r
+        assert sum(r["nfe"] == 3 for r in rows) >= 3  # the gate opened through the pipeline's stages too
+    else:
+        assert all(r["nfe"] == 2 for r in rows)
     assert all(r["label"] == shards.expected[r["key"]] for r in rows)
     assert all(0 <= r["pred_orig"] < 10 and 0 <= r["pred_purified"] < 10 for r in rows)
     assert all(r["flagged"] == (r["pred_orig"] != r["pred_purified"]) for r in rows)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
+from pipeline.blackbox.base import Prediction
 from pipeline.purify import build_purifier
-from pipeline.purify.cascade import Cascade, escalation_seeds, majority, needs_pass
+from pipeline.purify.cascade import Cascade, escalation_seeds, majority, needs_pass, original_ballots
 from pipeline.purify.degradations import parse_degradation
 from pipeline.purify.filters import unsharp_mask
 from pipeline.purify.guided import Guided
@@ -315,11 +316,59 @@ def test_needs_pass_stops_once_the_vote_is_decided():
     # k = 5 after three passes: 3-0 is decided, 2-1 is not (2 left could make it 2-3).
     three = np.array([[4, 4, 4], [4, 4, 7], [1, 2, 3], [4, 7, 7]])
     assert needs_pass(orig, three, 5, "always").tolist() == [False, True, True, True]
-    # The original label as a voter counts towards the decision.
-    assert needs_pass(orig[:1], np.array([[0, 1]]), 3, "always", vote_original=True).tolist() == [True]
-    assert needs_pass(orig[:1], np.array([[0, 0]]), 3, "always", vote_original=True).tolist() == [False]
+    # The original label's ballots count towards the decision.
+    one_ballot = original_ballots(orig[:1], None, 1, None)
+    assert needs_pass(orig[:1], np.array([[0, 1]]), 3, "always", one_ballot).tolist() == [True]
+    assert needs_pass(orig[:1], np.array([[0, 0]]), 3, "always", one_ballot).tolist() == [False]
+    # Two ballots for label 0 + one pass of 0: 3 against at most 0 + 4 passes left of k = 5 -> open; + a second
+    # pass of 0: 4 > 0 + 3 -> decided after two passes instead of three.
+    two = original_ballots(orig[:1], np.array([0.5]), 2, 0.95)
+    assert needs_pass(orig[:1], np.array([[0]]), 5, "always", two).tolist() == [True]
+    assert needs_pass(orig[:1], np.array([[0, 0]]), 5, "always", two).tolist() == [False]
     with pytest.raises(ValueError, match="escalate"):
         needs_pass(orig, one, 3, "sometimes")
+
+
+def test_original_ballots_open_only_below_the_score_gate():
+    pred = np.array([3, 3, 3, 3, -1])
+    score = np.array([0.5, 0.949, 0.95, np.nan, 0.2], np.float32)
+    assert original_ballots(pred, score, 2, 0.95).tolist() == [[3, 3], [3, 3], [-1, -1], [-1, -1], [-1, -1]]
+    # No scores (a label-only black box): closed unless ungated; a failed query (-1) never votes.
+    assert (original_ballots(pred, None, 1, 0.95) == -1).all()
+    assert original_ballots(pred, None, 1, None).tolist() == [[3], [3], [3], [3], [-1]]
+    assert original_ballots(pred, score, 0, 0.95).shape == (5, 0)
+
+
+def test_cascade_original_label_votes_only_where_the_black_box_was_unsure(model):
+    """Two identical rows whose passes split 2-3 against the original label: the unsure original (p .6) wins
+    with its two ballots, the certain one (p .999, what a trigger looks like) is outvoted."""
+    imgs = np.repeat(batch(1), 2, axis=0)
+    calls = {"n": 0}
+
+    def classify(x: np.ndarray) -> Prediction:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the originals: label 4, unsure then certain
+            probs = np.full((2, 10), 0.0, np.float32)
+            probs[:, 4] = [0.6, 0.999]
+            return Prediction(np.array([4, 4]), probs, [None, None])
+        j = calls["n"] - 2  # pass j: labels 4, 7, 7, 4, 7 for every row
+        lab = np.full(len(x), [4, 7, 7, 4, 7][j], np.int64)
+        return Prediction(lab, None, [None] * len(x))
+
+    c = Cascade(SDEdit(model, t_start=100, steps=1), k=5, escalate="always", original_votes=2, original_below=0.95)
+    out = c.run(imgs, ["a", "a"], seed=0, classify=classify)
+    assert out.labels.tolist() == [4, 7]
+    assert out.flagged.tolist() == [False, True]
+    # Same rows, gate off: the plain vote says 7 for both.
+    calls["n"] = 0
+    plain = Cascade(SDEdit(model, t_start=100, steps=1), k=5, escalate="always", original_votes=0)
+    assert plain.run(imgs, ["a", "a"], seed=0, classify=classify).labels.tolist() == [7, 7]
+    with pytest.raises(ValueError, match="original_below"):
+        Cascade(SDEdit(model, t_start=100, steps=1), original_below=1.5)
+    with pytest.raises(ValueError, match="original_votes"):
+        Cascade(SDEdit(model, t_start=100, steps=1), k=3, original_votes=4)
+    with pytest.raises(TypeError, match="original_votes"):
+        build_purifier("cascade", model, {"base": "sdedit", "vote_original": True})
 
 
 def test_always_cascade_equals_a_full_majority_vote(model):

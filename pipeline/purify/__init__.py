@@ -40,21 +40,27 @@ METHODS: dict[str, type[Purifier]] = {"none": Identity, "sdedit": SDEdit, "zip":
 
 def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | None = None,
                    dtype: str = "float32") -> Purifier | Cascade:
-    """Construct (and so validate) a method. Cascade takes `base` (a method name), `k`, `vote_original`,
-    `escalate`, and the base's own params; unknown params raise a TypeError naming them."""
+    """Construct (and so validate) a method. Cascade takes `base` (a method name), `k`, `escalate`,
+    `original_votes`, `original_below`, and the base's own params; unknown params raise a TypeError naming them."""
     params = dict(params or {})
     if method == "cascade":
+        if "vote_original" in params:
+            raise TypeError("cascade param vote_original was replaced by original_votes (ballots of the original "
+                            "label, 0 = none) and original_below (it votes only where the black box's probability "
+                            "for it is below this; null = always): vote_original true = original_votes 1, "
+                            "original_below null")
         base = params.pop("base", CASCADE_DEFAULTS["base"])
         k = params.pop("k", CASCADE_DEFAULTS["k"])
-        vote_original = params.pop("vote_original", CASCADE_DEFAULTS["vote_original"])
         escalate = params.pop("escalate", CASCADE_DEFAULTS["escalate"])
+        original_votes = params.pop("original_votes", CASCADE_DEFAULTS["original_votes"])
+        original_below = params.pop("original_below", CASCADE_DEFAULTS["original_below"])
         if base == "cascade":
             raise ValueError("a cascade's base must be a single-pass method")
         if base == "sdedit":
             for name, value in SDEDIT_BASE.items():
                 params.setdefault(name, value)
         return Cascade(build_purifier(base, model, params, dtype), k=k,  # type: ignore[arg-type]
-                       vote_original=vote_original, escalate=escalate)
+                       escalate=escalate, original_votes=original_votes, original_below=original_below)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted([*METHODS, 'cascade'])}")
     try:
