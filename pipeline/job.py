@@ -36,6 +36,7 @@ from pipeline.storage import StorageError, check_writable, describe, resolve_fil
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "_ray_checkpoint"  # inside the output; '_' keeps it out of Parquet dataset discovery
+FENCE_S = 120.0  # how long a failed run waits for its own tasks before it raises
 
 
 @dataclass
@@ -183,6 +184,24 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
     return ds
 
 
+def wait_for_tasks_to_end(cpus_before: float, timeout_s: float = FENCE_S) -> bool:
+    """Block until the cluster's free CPUs are back to `cpus_before` (what was free before the run); False on timeout.
+
+    Why: when a Ray Data job fails, its executor cancels the tasks still running without waiting for them
+    (`shutdown(force=False)`), and a write task inside a pyarrow S3 call only sees the cancel once that call
+    returns, so it can still land a file after the job has raised. A rerun in the same driver (a notebook, a
+    scheduled audit, a test) that starts before that file lands cleans the checkpoint's pending files first and then
+    writes those rows again: duplicates. Waiting for the failed run's tasks closes that window."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0.0) >= cpus_before - 1e-6:
+            return True
+        time.sleep(0.25)
+    return False
+
+
 def _storage_failure(err: OSError, source: str, output: str, resumable: bool) -> StorageError:
     cause = getattr(err, "cause", None) or err  # RayTaskError keeps the worker's exception as .cause
     text = (str(cause).strip().splitlines() or [""])[0][:300]
@@ -214,7 +233,10 @@ def run_sanitize(cfg: JobConfig) -> Summary:
         if cfg.output.resume:
             log.warning("source has no unique id column: this job cannot resume; a rerun reprocesses every row")
 
+    import ray
+
     before = count_output(fs_out, out_path)
+    cpus_free = ray.available_resources().get("CPU", 0.0)
     t0 = time.time()
     ds = build_plan(cfg, spec, fs_in, size, channels)
     ds = ds.map_batches(to_output_batch, batch_format="numpy", batch_size=cfg.resources.query_batch_size,
@@ -222,11 +244,16 @@ def run_sanitize(cfg: JobConfig) -> Summary:
                                    "id_column": id_col if id_col != "key" else None})
     try:
         ds.write_parquet(out_path, filesystem=fs_out, mode="append")
-    except OSError as e:
-        # Ray re-raises a worker's OSError as RayTaskError(OSError), still an OSError: storage that fails mid-job
-        # (endpoint gone, credentials expired) ends the job with one StorageError naming where, not a Ray traceback.
-        raise _storage_failure(e, describe(fs_in, uri_path(spec.uri)), describe(fs_out, out_path),
-                               ctx.checkpoint_config is not None) from e
+    except Exception as e:
+        if not wait_for_tasks_to_end(cpus_free):
+            log.warning("tasks of the failed run were still running after %.0f s (or the cluster is shared): a "
+                        "rerun started at once may write some rows twice; wait for them before rerunning", FENCE_S)
+        if isinstance(e, OSError):
+            # Ray re-raises a worker's OSError as RayTaskError(OSError), still an OSError: storage that fails
+            # mid-job (endpoint gone, credentials expired) ends the job with one StorageError naming where.
+            raise _storage_failure(e, describe(fs_in, uri_path(spec.uri)), describe(fs_out, out_path),
+                                   ctx.checkpoint_config is not None) from e
+        raise
     finally:
         ctx.checkpoint_config = None  # also after a failure: the next Ray Data job in this process must not inherit it
     seconds = time.time() - t0

@@ -314,6 +314,40 @@ def test_s3_down_mid_write(ray_local, tmp_path, own_moto, outage):
         assert frag.count_rows() > 0
 
 
+def test_a_failed_run_waits_for_its_own_tasks(ray_local):
+    """The fence a failed job passes before it raises: it returns once the tasks that were started after the
+    baseline have given their CPUs back (a write that lands late can no longer race a rerun), and gives up, saying
+    so, when they outlast the timeout."""
+    import ray
+
+    from pipeline.job import wait_for_tasks_to_end
+
+    @ray.remote(num_cpus=1)
+    def write_late(path: str, seconds: float) -> None:
+        time.sleep(seconds)
+        Path(path).write_text("late")
+
+    def started(free: float) -> None:  # until the task holds its CPU
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU", 0.0) >= free:
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.05)
+
+    with tempfile.TemporaryDirectory() as d:
+        free = ray.available_resources().get("CPU", 0.0)
+        ref = write_late.remote(f"{d}/a", 3.0)
+        started(free)
+        t0 = time.monotonic()
+        assert wait_for_tasks_to_end(free, timeout_s=60)
+        assert Path(f"{d}/a").read_text() == "late", "the fence returned before the task's write landed"
+        assert time.monotonic() - t0 < 30
+        ray.get(ref)
+        slow = write_late.remote(f"{d}/b", 8.0)
+        started(free)
+        assert not wait_for_tasks_to_end(free, timeout_s=1.0)
+        ray.get(slow)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. Bad and odd inputs through the whole job.
 
