@@ -9,15 +9,17 @@ Two escalation rules, both ending in a majority vote of up to k purified labels:
 Passes stop as soon as the vote is decided (the leader cannot be caught by the passes left), so `always` with k = 3
 costs two passes, and three only where the first two disagree.
 
-The original label can cast `original_votes` ballots, but only where the black box's own probability for it is below
-`original_below` (ours, on by default): a trigger is a shortcut that makes the model certain (the demo victims give
-their target .93-.998 on triggered images), while the clean images that noisy passes push into a wrong class are
-mostly ones the model was unsure about (.70-.78 on the embedded benchmark, against .93 for clean images it gets
-right). So the original helps exactly where purification costs clean accuracy, and stays out where it would vote for
-a trigger. A label-only black box (no scores) never opens the gate, which leaves the plain vote.
+The original label can cast `original_votes` ballots, but only where the black box's own probability for it is
+below `original_below` (ours, on by default): a trigger is a shortcut that makes the model certain (the demo
+victims give their target a mean probability of .93-.998 on triggered images), while the clean images that noisy
+passes push into a wrong class are mostly ones the model was unsure about (.70-.78 on the embedded benchmark,
+against .93 for clean images it gets right). So the original helps exactly where purification costs clean
+accuracy, and stays out where it would vote for a trigger. A label-only black box (no scores) never opens the gate,
+which leaves the plain vote.
 
-The black box is a plain callable here (uint8 batch -> labels), so this module stays free of Ray and HTTP; the
-pipeline runs the same rounds as separate stages, with `needs_pass` deciding each round's rows in both places.
+The black box is a plain callable here (uint8 batch -> labels or a `Prediction`), so this module stays free of Ray
+and HTTP; the pipeline runs the same rounds as separate stages, with `needs_pass` deciding each round's rows in both
+places.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def labels_and_scores(answer: Any) -> tuple[np.ndarray, np.ndarray | None]:
 
 @dataclass
 class CascadeOutcome:
-    images: np.ndarray  # uint8 (N, C, H, W): for each row, a purified image whose label is the voted label
+    images: np.ndarray  # uint8 (N, C, H, W): per row, the first pass that voted the winner (pass 0 where the original
+    # label won on its own ballots)
     pred_orig: np.ndarray
     pred_first: np.ndarray
     labels: np.ndarray  # the defended labels
