@@ -39,7 +39,7 @@ Classify = Callable[[np.ndarray], Any]
 
 # The best setting of `python -m pipeline bench` on the embedded model (see README): a majority vote of up to 5
 # `guided` passes (its own defaults: t 300, 2 locator + 6 DDIM steps, eta 1, sharpened output), stopped once
-# decided: 2-3 passes on most rows, ~27 mean NFE; the original label casts 2 ballots where the black box gave it
+# decided: 2-3 passes on most rows, ~25 mean NFE; the original label casts 2 ballots where the black box gave it
 # less than .95. With `base: sdedit`, SDEDIT_BASE fills what the user leaves out (the previous default's
 # plain-SDEdit vote); other bases use their own defaults.
 DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", "original_votes": 2, "original_below": 0.95}
