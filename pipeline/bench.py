@@ -35,8 +35,8 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("sampdetox-paper", "sampdetox", {"t1": 20, "t2": 120}),
     ("sampdetox-ddim", "sampdetox", {"t1": 60, "t2": 250, "steps1": 6, "steps2": 12}),
     ("repair", "repair", {}),
-    ("guided", "guided", {}),  # with the embedded model's floor (a veiled input's haze cleared first)
-    ("guided-nofloor", "guided", {"floor": 0.0}),
+    ("guided", "guided", {}),  # with the embedded model's black level (a veiled input's haze cleared first)
+    ("guided-no-unveil", "guided", {"black_level": 0.0}),
     # The published flip cascade and our earlier votes: the original label casts no ballot.
     ("cascade-250-k3", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "eta": 0.0, "k": 3,
                                    "escalate": "flip", "original_votes": 0}),
@@ -48,11 +48,11 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("vote-300-k5-s8-sharp", "cascade", {"base": "sdedit", "t_start": 300, "steps": 8, "eta": 1.0, "sharpen": 0.5,
                                          "k": 5, "escalate": "always", "original_votes": 0}),
     ("vote-guided-k5", "cascade", {"base": "guided", "k": 5, "escalate": "always", "original_votes": 0,
-                                   "floor": 0.0}),
+                                   "black_level": 0.0}),
     # The same vote, the original label casting 2 ballots where the victim gave it < .95 (the previous default).
-    ("vote-guided-k5-gate", "cascade", {"base": "guided", "k": 5, "escalate": "always", "floor": 0.0}),
-    # The default method: that, with guided's domain floor.
-    ("vote-guided-k5-gate-floor", "cascade", {"base": "guided", "k": 5, "escalate": "always"}),
+    ("vote-guided-k5-gate", "cascade", {"base": "guided", "k": 5, "escalate": "always", "black_level": 0.0}),
+    # The default method: that, unveiling with guided's domain black level.
+    ("vote-guided-k5-gate-unveil", "cascade", {"base": "guided", "k": 5, "escalate": "always"}),
 ]
 
 

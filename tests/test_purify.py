@@ -240,34 +240,34 @@ def test_sharpen_is_the_unsharp_mask_of_the_unsharpened_output(model):
     assert sharp.params()["sharpen"] == 0.5 and "sharpen" not in SDEdit(model).params()
 
 
-def test_floor_clears_a_dark_veil_only_and_is_the_domains_default_for_guided():
+def test_unveil_clears_a_dark_veil_only_and_is_the_domains_default_for_guided():
     model = tiny_model()
     clean = np.zeros((2, 1, 16, 16), np.uint8)
     clean[:, :, 4:12, 4:12] = 200
-    clean[:, :, 6, 6:9] = 30  # dark detail, below the floor: 1% of the pixels
+    clean[:, :, 6, 6:9] = 30  # dark detail, below the black level: 1% of the pixels
     hazy = clean.copy()
     hazy[clean == 0] = np.random.default_rng(0).integers(0, 51, int((clean == 0).sum()))  # a veil below 0.2
-    floored = SDEdit(model, t_start=100, steps=3, floor=0.2, floor_share=0.2)
+    unveiling = SDEdit(model, t_start=100, steps=3, black_level=0.2, veil_share=0.2)
     plain = SDEdit(model, t_start=100, steps=3)
     # A dead zone, not a rescale: a veiled image reaches the sampler as its unveiled self (dark detail cleared too),
     # so both give the same output bit for bit ...
     unveiled = np.where(clean < 51, 0, clean).astype(np.uint8)
-    assert torch.equal(floored(hazy, ["a", "b"], 1).images, plain(unveiled, ["a", "b"], 1).images)
+    assert torch.equal(unveiling(hazy, ["a", "b"], 1).images, plain(unveiled, ["a", "b"], 1).images)
     assert not torch.equal(plain(hazy, ["a", "b"], 1).images, plain(unveiled, ["a", "b"], 1).images)
-    # ... while an image with little in the haze band keeps its dark detail; share 0 floors every image.
-    assert torch.equal(floored(clean, ["a", "b"], 1).images, plain(clean, ["a", "b"], 1).images)
-    assert torch.equal(SDEdit(model, t_start=100, steps=3, floor=0.2, floor_share=0.0)(clean, ["a", "b"], 1).images,
-                       plain(unveiled, ["a", "b"], 1).images)
-    assert floored.params()["floor"] == 0.2 and floored.params()["floor_share"] == 0.2
-    assert "floor" not in plain.params()
+    # ... while an image with little in the haze band keeps its dark detail; share 0 unveils every image.
+    assert torch.equal(unveiling(clean, ["a", "b"], 1).images, plain(clean, ["a", "b"], 1).images)
+    always = SDEdit(model, t_start=100, steps=3, black_level=0.2, veil_share=0.0)
+    assert torch.equal(always(clean, ["a", "b"], 1).images, plain(unveiled, ["a", "b"], 1).images)
+    assert unveiling.params()["black_level"] == 0.2 and unveiling.params()["veil_share"] == 0.2
+    assert "black_level" not in plain.params()
     # Guided (ours) takes the model's domain prior unless told; the published methods stay as published.
-    model.floor, model.floor_share = 0.2, 0.2
-    assert (Guided(model).floor, Guided(model).floor_share) == (0.2, 0.2) and Guided(model, floor=0.0).floor == 0.0
-    assert SDEdit(model).floor == 0.0
+    model.black_level, model.veil_share = 0.2, 0.2
+    assert (Guided(model).black_level, Guided(model).veil_share) == (0.2, 0.2)
+    assert Guided(model, black_level=0.0).black_level == 0.0 and SDEdit(model).black_level == 0.0
     assert torch.equal(Guided(model, t_start=100, steps=3)(hazy, ["a", "b"], 1).images,
-                       Guided(model, t_start=100, steps=3, floor=0.0)(unveiled, ["a", "b"], 1).images)
-    for bad in ({"floor": -0.1}, {"floor": 1.0}, {"floor_share": 1.5}):
-        with pytest.raises(ValueError, match="floor"):
+                       Guided(model, t_start=100, steps=3, black_level=0.0)(unveiled, ["a", "b"], 1).images)
+    for bad in ({"black_level": -0.1}, {"black_level": 1.0}, {"veil_share": 1.5}):
+        with pytest.raises(ValueError, match="black_level|veil_share"):
             build_purifier("guided", model, bad)
 
 

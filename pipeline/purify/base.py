@@ -33,9 +33,9 @@ def as_model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> t
     return x * 2 - 1
 
 
-def apply_floor(x: torch.Tensor, floor: float, share: float = 0.0) -> torch.Tensor:
-    """Clear a dark veil: on images where at least `share` of the values sit in the haze band (0, floor) (floor in
-    [0, 1] image units; x in [-1, 1]), set every value below `floor` to black, per channel.
+def unveil(x: torch.Tensor, black_level: float, share: float = 0.0) -> torch.Tensor:
+    """Clear a dark veil: on images where at least `share` of the values sit in the haze band (0, black_level)
+    (black_level in [0, 1] image units; x in [-1, 1]), set every value below `black_level` to black, per channel.
 
     Why: a low-frequency offset survives the forward noise (white noise hides texture, not a level), so a blend
     trigger's veil over a black background (Blended: every pixel 0.8 x + 0.2 key, the background a 0..51 haze) reads
@@ -43,9 +43,9 @@ def apply_floor(x: torch.Tensor, floor: float, share: float = 0.0) -> torch.Tens
     (12% of clean ones), mostly as bags and sneakers. The dead zone is a cousin of feature squeezing's bit-depth
     reduction (Xu et al., NDSS 2018); gating it on the haze share leaves the dark detail of clean images alone (on
     Fashion-MNIST a clean image has a median 5.6% of its pixels in (0, 0.2); 99% of blended ones have over 25%)."""
-    if floor <= 0:
+    if black_level <= 0:
         return x
-    below = x < 2 * floor - 1
+    below = x < 2 * black_level - 1
     veiled = (below & (x > -1)).flatten(1).float().mean(1) >= share
     return torch.where(below & veiled.view(-1, *([1] * (x.ndim - 1))), torch.full_like(x, -1.0), x)
 
@@ -56,19 +56,19 @@ class Purifier(ABC):
     name: str = "base"
 
     def __init__(self, model: DiffusionModel, size_policy: str = "resize", dtype: str = "float32",
-                 sharpen: float = 0.0, sharpen_sigma: float = 1.0, floor: float | None = 0.0,
-                 floor_share: float | None = None) -> None:
+                 sharpen: float = 0.0, sharpen_sigma: float = 1.0, black_level: float | None = 0.0,
+                 veil_share: float | None = None) -> None:
         if not 0.0 <= sharpen <= 3.0:
             raise ValueError(f"sharpen (unsharp-mask amount) must be in [0, 3], got {sharpen}")
         if not 0.3 <= sharpen_sigma <= 3.0:
             raise ValueError(f"sharpen_sigma must be in [0.3, 3], got {sharpen_sigma}")
-        # None = the model's domain prior (its preset's); 0 turns the floor off.
-        floor = model.floor if floor is None else floor
-        floor_share = model.floor_share if floor_share is None else floor_share
-        if not 0.0 <= floor < 1.0:
-            raise ValueError(f"floor (input black floor, in [0, 1) image units) must be in [0, 1), got {floor}")
-        if not 0.0 <= floor_share <= 1.0:
-            raise ValueError(f"floor_share (share of pixels in the haze band) must be in [0, 1], got {floor_share}")
+        # None = the model's domain prior (its preset's); black_level 0 turns unveiling off.
+        black_level = model.black_level if black_level is None else black_level
+        veil_share = model.veil_share if veil_share is None else veil_share
+        if not 0.0 <= black_level < 1.0:
+            raise ValueError(f"black_level (in [0, 1) image units; 0 = off) must be in [0, 1), got {black_level}")
+        if not 0.0 <= veil_share <= 1.0:
+            raise ValueError(f"veil_share (share of pixels in the haze band) must be in [0, 1], got {veil_share}")
         if size_policy not in SIZE_POLICIES:
             raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
         if dtype not in DTYPES:
@@ -77,7 +77,7 @@ class Purifier(ABC):
         self.size_policy = size_policy
         self.dtype = DTYPES[dtype]
         self.sharpen, self.sharpen_sigma = float(sharpen), float(sharpen_sigma)
-        self.floor, self.floor_share = float(floor), float(floor_share)
+        self.black_level, self.veil_share = float(black_level), float(veil_share)
 
     @abstractmethod
     def method_params(self) -> dict[str, Any]:
@@ -86,8 +86,8 @@ class Purifier(ABC):
     def params(self) -> dict[str, Any]:
         """The knobs that define this run (written next to every output row)."""
         extra = {"sharpen": self.sharpen, "sharpen_sigma": self.sharpen_sigma} if self.sharpen else {}
-        if self.floor:
-            extra.update(floor=self.floor, floor_share=self.floor_share)
+        if self.black_level:
+            extra.update(black_level=self.black_level, veil_share=self.veil_share)
         return {**self.method_params(), **extra}
 
     @property
@@ -108,7 +108,7 @@ class Purifier(ABC):
             raise ValueError(f"model {self.model.name!r} takes {self.model.channels} channel(s), images have {c}")
         if n == 0:
             return PurifyResult(x, torch.zeros(0, dtype=torch.long))
-        x = apply_floor(x, self.floor, self.floor_share)
+        x = unveil(x, self.black_level, self.veil_share)
         s = self.model.image_size
         x_in, undo = self._fit(x, s)
         res = self._purify(x_in, keys, seed)

@@ -9,8 +9,8 @@ sinusoid, a patch's blob). Here the projection x0' = A+ y + (I - A+ A) x0 (DDNM,
    so the low-amplitude part of a blend or a sinusoid is not copied through), and
  - on pool blocks where a cheap unguided locator pass (`locate_steps` DDIM steps from the same t) agrees with the
    input within `tau` (dilated by one block): a bright patch, which the locator removes, is never copied back.
-A veiled input (a blend's haze over a black background) is unveiled first by the model's domain floor (see
-base.apply_floor); the published methods default to no floor.
+A veiled input (a blend's haze over a black background) is unveiled first with the model's domain black level (see
+base.unveil); the published methods default to none.
 Cost: locate_steps + steps NFE (8 by default). Defaults: the bench's best at that cost on the embedded model; the
 output is unsharp-masked (`sharpen` 0.5, see filters.unsharp_mask) since few-step samples are smoother than data.
 Measured on 500 Fashion-MNIST test images (one pass, against SDEdit t 300 / 8 steps / eta 1, sharpened, in
@@ -36,9 +36,9 @@ class Guided(Purifier):
 
     def __init__(self, model: DiffusionModel, t_start: int = 300, steps: int = 6, eta: float = 1.0,
                  locate_steps: int = 2, guide_steps: int = 2, pool: int = 2, tau: float = 0.4, sharpen: float = 0.5,
-                 floor: float | None = None, **kw: Any) -> None:
-        # floor None = the model's domain floor: ours uses the domain prior; the published methods default to 0.
-        super().__init__(model, sharpen=sharpen, floor=floor, **kw)
+                 black_level: float | None = None, **kw: Any) -> None:
+        # None = the model's domain black level: ours uses the domain prior; the published methods default to 0.
+        super().__init__(model, sharpen=sharpen, black_level=black_level, **kw)
         if not 1 <= t_start <= model.num_train_timesteps:
             raise ValueError(f"t_start must be in [1, {model.num_train_timesteps}], got {t_start}")
         state_grid(t_start, steps)

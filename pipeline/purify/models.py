@@ -21,19 +21,19 @@ class ModelPreset:
     image_size: int
     channels: int
     description: str = ""
-    # The domain's black floor (in [0, 1]; 0 = none): on an image with at least `floor_share` of its pixels in
-    # (0, floor), a veil the data never has, pixels darker than this are background (see base.apply_floor).
-    floor: float = 0.0
-    floor_share: float = 0.0
+    # The domain's black level (in [0, 1]; 0 = none): on an image with at least `veil_share` of its pixels in
+    # (0, black_level), a veil the data never has, pixels darker than this are background (see base.unveil).
+    black_level: float = 0.0
+    veil_share: float = 0.0
 
 
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in (
-        # floor / floor_share: picked on test images 0-499 (dead zones 25..70 / 255, shares .15-.25 tried), checked on
-        # images 500-999 (README, Results).
-        ModelPreset("fmnist-tiny", "fmnist-ddpm", 28, 1, "embedded: trained here on Fashion-MNIST", floor=0.2,
-                    floor_share=0.2),
+        # black_level / veil_share: picked on test images 0-499 (dead zones 25..70 / 255, shares .15-.25 tried),
+        # checked on images 500-999 (README, Results).
+        ModelPreset("fmnist-tiny", "fmnist-ddpm", 28, 1, "embedded: trained here on Fashion-MNIST", black_level=0.2,
+                    veil_share=0.2),
         ModelPreset("ddpm-cifar10-32", "google/ddpm-cifar10-32", 32, 3, "hub: CIFAR-10 DDPM (needs network)"),
         ModelPreset("ddpm-celebahq-256", "google/ddpm-celebahq-256", 256, 3, "hub: CelebA-HQ DDPM (needs network)"),
     )
@@ -49,8 +49,8 @@ class DiffusionModel:
     image_size: int
     channels: int
     name: str = ""
-    floor: float = 0.0  # from the preset; see base.apply_floor
-    floor_share: float = 0.0
+    black_level: float = 0.0  # from the preset; see base.unveil
+    veil_share: float = 0.0
 
     @property
     def num_train_timesteps(self) -> int:
@@ -113,8 +113,8 @@ def load_model(name_or_path: str = "fmnist-tiny", device: str | torch.device = "
         image_size=preset.image_size if preset else int(size),
         channels=int(unet.config.in_channels),
         name=name_or_path,
-        floor=preset.floor if preset else 0.0,
-        floor_share=preset.floor_share if preset else 0.0,
+        black_level=preset.black_level if preset else 0.0,
+        veil_share=preset.veil_share if preset else 0.0,
     )
 
 
