@@ -37,6 +37,7 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("repair", "repair", {}),
     ("guided", "guided", {}),  # with the embedded model's black level (a veiled input's haze cleared first)
     ("guided-no-unveil", "guided", {"black_level": 0.0}),
+    ("guided-restart", "guided", {"restart_tau": 0.8}),  # restarts where its locator removed something (a patch)
     # The published flip cascade and our earlier votes: the original label casts no ballot.
     ("cascade-250-k3", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "eta": 0.0, "k": 3,
                                    "escalate": "flip", "original_votes": 0}),
@@ -53,6 +54,9 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("vote-guided-k5-gate", "cascade", {"base": "guided", "k": 5, "escalate": "always", "black_level": 0.0}),
     # The default method: that, unveiling with guided's domain black level.
     ("vote-guided-k5-gate-unveil", "cascade", {"base": "guided", "k": 5, "escalate": "always"}),
+    # That, each pass restarting where its locator removed something (opt-in: BadNets ASR down, CA down a little).
+    ("vote-guided-k5-gate-unveil-restart", "cascade", {"base": "guided", "k": 5, "escalate": "always",
+                                                       "restart_tau": 0.8}),
 ]
 
 
@@ -86,6 +90,28 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+UPDATE_KEYS = ("model", "data", "n", "seed", "dtype")
+
+
+def previous_rows(args: argparse.Namespace, attacks: list[str], device: str) -> tuple[list[dict], list[dict]]:
+    """The rows and runs of `--out`/results.json for `--update`; refuses results made with other settings, since a
+    table mixing them would compare unlike numbers."""
+    path = args.out / "results.json"
+    if not path.exists():
+        return [], []
+    old = json.loads(path.read_text())
+    meta = old["meta"]
+    differ = [k for k in UPDATE_KEYS if meta.get(k) != getattr(args, k)]
+    if meta.get("device") != device:
+        differ.append("device")
+    if sorted({r["attack"] for r in old["rows"]}) != sorted(attacks):
+        differ.append("attacks")
+    if differ:
+        raise SystemExit(f"--update: {path} was made with other {', '.join(differ)}; rerun the grid without --update")
+    runs = meta.get("runs") or [{"labels": sorted({r["label"] for r in old["rows"]}), "seconds": meta["seconds"]}]
+    return old["rows"], runs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    ap.add_argument("--update", action="store_true",
+                    help="keep the rows of --out/results.json that this run does not redo (same model, data, n, "
+                         "seed, dtype and attacks, else an error): rerun a few rows without rerunning the grid")
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
@@ -108,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     attacks = args.attacks.split(",")
     wanted = set(args.only.split(",")) if args.only else None
     args.out.mkdir(parents=True, exist_ok=True)
+    kept, runs = previous_rows(args, attacks, device) if args.update else ([], [])
     rows: list[dict] = []
     t_all = time.time()
     for label, method, params in GRID:
@@ -127,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(),
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
             "seconds": round(time.time() - t_all, 1)}
+    if args.update:
+        redone = {r["label"] for r in rows}
+        order = {label: i for i, (label, _, _) in enumerate(GRID)}
+        rows = sorted([r for r in kept if r["label"] not in redone] + rows, key=lambda r: order.get(r["label"], -1))
+        meta["runs"] = [*runs, {"labels": sorted(redone), "seconds": meta["seconds"]}]
+        meta["seconds"] = round(sum(r["seconds"] for r in meta["runs"]), 1)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     table = format_rows(sorted(rows, key=lambda r: (r["attack"], r["nfe"])))
     (args.out / "results.md").write_text(

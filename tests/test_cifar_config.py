@@ -96,3 +96,16 @@ def test_cifar10_victim_and_benchmark_end_to_end(cifar_dir, tmp_path):
     assert rows["none"]["nfe"] == 0 and rows["sdedit-200"]["nfe"] == 10
     assert all(0 <= r[m] <= 1 for r in rows.values() for m in ("ca", "pa", "asr"))
     assert (out / "pareto.png").stat().st_size > 0 and "t_start=200" in (out / "results.md").read_text()
+
+    # --update redoes the named rows only, keeps the others, and refuses results made with other settings.
+    bench = [sys.executable, "-m", "pipeline", "bench", "--data", "cifar10", "--victims", str(victims), "--model",
+             str(model), "--attacks", "badnets", "--only", "none", "--update", "--out", str(out)]
+    run = subprocess.run([*bench, "--n", "12"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    again = {r["label"]: r for r in res["rows"]}
+    assert set(again) == {"none", "sdedit-200"} and again["sdedit-200"] == rows["sdedit-200"]
+    assert all(again["none"][m] == rows["none"][m] for m in ("ca", "pa", "asr", "floor"))  # deterministic
+    assert [r["labels"] for r in res["meta"]["runs"]] == [["none", "sdedit-200"], ["none"]]
+    run = subprocess.run([*bench, "--n", "10"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "other n" in run.stderr

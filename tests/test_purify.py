@@ -115,6 +115,30 @@ def test_guided_trusts_only_blocks_the_locator_left_alone(model):
     assert mask[:8].min() == 1 and mask[:, :8].min() == 1  # everything else, the garment included
 
 
+def test_guided_restarts_from_the_locator_only_around_a_block_it_moved_far(model):
+    x = torch.full((1, 1, 16, 16), -1.0)
+    x[..., 4:10, 3:12] = 0.4  # a garment
+    located = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    patched = x.clone()
+    patched[..., 12:15, 12:15] = 1.0  # a bright patch the locator removed
+    located[..., 4:6, 4:6] += 0.5  # texture the locator moved by less than restart_tau
+    located[..., 0:2, 0:2] += 1.0  # moved by more than restart_tau, but no core (> restart_core) near it
+    start = Guided(model, pool=2, restart_tau=0.8, restart_core=1.2).start_point(patched, located)
+    far = torch.zeros_like(x, dtype=torch.bool)
+    far[..., 10:16, 10:16] = True  # the patch's blocks and their neighbours
+    assert torch.equal(start[far], located[far]) and torch.equal(start[~far], patched[~far])
+    assert torch.equal(Guided(model, restart_tau=None).start_point(patched, located), patched)
+    imgs = batch(2)
+    with_restart = Guided(model, t_start=300, steps=3, restart_tau=0.0, restart_core=0.0)(imgs, ["a", "b"]).images
+    without = Guided(model, t_start=300, steps=3, restart_tau=None)(imgs, ["a", "b"]).images
+    assert not torch.equal(with_restart, without)  # the knob reaches the sampler
+    for bad in (-0.1, 2.5):
+        with pytest.raises(ValueError, match="restart_tau"):
+            Guided(model, restart_tau=bad)
+    with pytest.raises(ValueError, match="restart_core"):
+        Guided(model, restart_tau=0.8, restart_core=0.5)
+
+
 def test_guided_projection_holds_the_pool_and_switches_off(model):
     imgs = np.random.default_rng(1).integers(96, 160, (4, 1, 16, 16), dtype=np.uint8)
     keys = [str(i) for i in range(4)]
