@@ -83,9 +83,13 @@ class Guided(Purifier):
     def nominal_nfe(self) -> float:
         return float(self.locate_steps + self.steps)
 
+    def block_diff(self, x: torch.Tensor, located: torch.Tensor) -> torch.Tensor:
+        """How far the locator moved each pool block (largest over channels), at pool resolution."""
+        return (self.op(x) - self.op(located)).abs().amax(1, keepdim=True)
+
     def trusted_blocks(self, x: torch.Tensor, located: torch.Tensor) -> torch.Tensor:
         """1 on pixels whose pool block (and its 8 neighbours) the locator left within tau of the input, else 0."""
-        diff = (self.op(x) - self.op(located)).abs().amax(1, keepdim=True)
+        diff = self.block_diff(x, located)
         return self.op.pinv((F.max_pool2d(diff, 3, 1, 1) < self.tau).to(x.dtype))
 
     def start_point(self, x: torch.Tensor, located: torch.Tensor) -> torch.Tensor:
@@ -95,7 +99,7 @@ class Guided(Purifier):
         moved by > 0.8 (fine texture), one in ten by > 1.2, while a removed patch moves its blocks by 1.5-2."""
         if self.restart_tau is None:
             return x
-        diff = (self.op(x) - self.op(located)).abs().amax(1, keepdim=True)
+        diff = self.block_diff(x, located)
         near_core = F.max_pool2d((diff > self.restart_core).to(x.dtype), 5, 1, 2) > 0
         restart = self.op.pinv(((F.max_pool2d(diff, 3, 1, 1) > self.restart_tau) & near_core).to(x.dtype))
         return (1 - restart) * x + restart * located
