@@ -17,9 +17,10 @@ Why: a bright patch noised to t 300 is still a pale blob, and a few denoising st
 the BadNets victim fires; the locator has already removed it. One pass on test images 0-999 (restart_tau 0.8):
 BadNets ASR .056 -> .032, CA .838 -> .836, Blended and WaNet PA unchanged (.831 vs .833, .815 vs .815); restarting
 every block moved by > 0.8 (no core) did as well on BadNets but cost Blended and WaNet a point of PA, since half of
-all clean images have such a block (fine texture). Not the default: in the 5-pass vote the restarted clean images
-err the same way in every pass, and the vote's CA fell by up to 0.8 point (replays on 1,000 images; up to 1.0 on
-the bench), which WaNet's and Blended's bars cannot spare.
+all clean images have such a block (fine texture). In the 5-pass vote a restarted clean image errs the same way in
+every pass, so the vote cannot undo it: CA -0.1..-0.4 on 1,000 bench images, but up to -1.0 on the 300 of the
+default bench, where it costs WaNet's PA bar. So it is opt-in: the setting for patch triggers (on 1,000 images the
+vote's BadNets ASR .039 -> .029).
 Cost: locate_steps + steps NFE (8 by default). Defaults: the bench's best at that cost on the embedded model; the
 output is unsharp-masked (`sharpen` 0.5, see filters.unsharp_mask) since few-step samples are smoother than data.
 Measured on 500 Fashion-MNIST test images (one pass, against SDEdit t 300 / 8 steps / eta 1, sharpened, in
