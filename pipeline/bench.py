@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     ap.add_argument("--update", action="store_true",
-                    help="keep the rows of --out/results.json that this run does not redo (same model, data, device, n, "
-                         "seed, dtype and attacks, else an error): rerun a few rows without rerunning the grid")
+                    help="keep the rows of --out/results.json that this run does not redo (same model, data, "
+                         "device, n, seed, dtype and attacks, else an error): rerun a few rows without rerunning "
+                         "the grid")
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
