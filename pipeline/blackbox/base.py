@@ -264,6 +264,37 @@ def budget_refusal(n: int) -> Prediction:
     return Prediction(np.full(n, -1, np.int64), None, [BUDGET_EXHAUSTED] * n)
 
 
+class BudgetedBlackBox(BlackBox):
+    """What every client does around its queries: validate, count, reserve the query budget, answer the rows past it
+    with a refusal. Subclasses implement ``_predict_allowed`` for the rows within the budget."""
+
+    def __init__(self, query_budget: int | None) -> None:
+        self._budget = QueryBudget(query_budget)
+        self._stats = Stats()
+
+    @abstractmethod
+    def _predict_allowed(self, images: np.ndarray) -> list[Prediction]:
+        """Answers (in row order) for validated, non-empty images that the budget allows."""
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        images = validate_images(images, self.spec)
+        n = len(images)
+        self._stats.add(rows=n)
+        if n == 0:
+            return Prediction(np.zeros(0, np.int64), None, [])
+        allowed = self._budget.reserve(n)
+        parts = self._predict_allowed(images[:allowed]) if allowed else []
+        if allowed < n:
+            self._stats.add(budget_rejected=n - allowed, failures=n - allowed)
+            parts.append(budget_refusal(n - allowed))
+        return Prediction.concat(parts)
+
+    def stats(self) -> dict:
+        d = self._stats.snapshot()
+        d["budget_left"] = self._budget.left
+        return d
+
+
 class RetryableError(Exception):
     """A transient failure worth retrying; ``reason`` is short and secret-free, ``retry_after`` in seconds."""
 
@@ -348,7 +379,7 @@ class Redactor:
         return text
 
 
-class RemoteBlackBox(BlackBox):
+class RemoteBlackBox(BudgetedBlackBox):
     """Base of HTTP-ish clients. Subclasses implement ``_send(x, request_id) -> np.ndarray`` (raw first output),
     raising RetryableError / FatalError; everything else (chunks, threads, budget, retries, stats) lives here."""
 
@@ -367,11 +398,10 @@ class RemoteBlackBox(BlackBox):
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
         self.max_retry_after_s = float(max_retry_after_s)
-        self._budget = QueryBudget(query_budget)
+        super().__init__(query_budget)
         self._rate = RateLimiter(rate_limit_qps) if rate_limit_qps else None
         self._redact = Redactor(secrets)
         self._sleep = sleep
-        self._stats = Stats()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._req_seq = 0
@@ -385,33 +415,14 @@ class RemoteBlackBox(BlackBox):
     def _target(self) -> str:
         """A secret-free description of where queries go, for messages."""
 
-    # -- public ---------------------------------------------------------------------------------------------------
-    def predict(self, images: np.ndarray) -> Prediction:
-        images = validate_images(images, self.spec)
-        n = len(images)
-        self._stats.add(rows=n)
-        if n == 0:
-            return Prediction(np.zeros(0, np.int64), None, [])
-        allowed = self._budget.reserve(n)
-        chunks = [(i, min(i + self.max_batch_size, allowed)) for i in range(0, allowed, self.max_batch_size)]
-        parts: list[Prediction] = []
-        if chunks:
-            x = to_model_input(images[:allowed], self.spec)
-            if len(chunks) == 1 or self.max_concurrency == 1:
-                parts = [self._run_chunk(x[a:b]) for a, b in chunks]
-            else:
-                # map keeps input order; at most max_concurrency requests are in flight at once
-                parts = list(self._executor().map(lambda ab: self._run_chunk(x[ab[0]:ab[1]]), chunks))
-        if allowed < n:
-            rejected = n - allowed
-            self._stats.add(budget_rejected=rejected, failures=rejected)
-            parts.append(budget_refusal(rejected))
-        return Prediction.concat(parts)
-
-    def stats(self) -> dict:
-        d = self._stats.snapshot()
-        d["budget_left"] = self._budget.left
-        return d
+    # -- queries --------------------------------------------------------------------------------------------------
+    def _predict_allowed(self, images: np.ndarray) -> list[Prediction]:
+        x = to_model_input(images, self.spec)
+        chunks = [(i, min(i + self.max_batch_size, len(x))) for i in range(0, len(x), self.max_batch_size)]
+        if len(chunks) == 1 or self.max_concurrency == 1:
+            return [self._run_chunk(x[a:b]) for a, b in chunks]
+        # map keeps input order; at most max_concurrency requests are in flight at once
+        return list(self._executor().map(lambda ab: self._run_chunk(x[ab[0]:ab[1]]), chunks))
 
     def close(self) -> None:
         with self._pool_lock:

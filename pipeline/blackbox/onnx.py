@@ -13,16 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from .base import (
-    BlackBox,
     BlackBoxUnavailable,
+    BudgetedBlackBox,
     InputSpec,
     Prediction,
-    QueryBudget,
-    Stats,
-    budget_refusal,
     parse_output,
     to_model_input,
-    validate_images,
 )
 
 log = logging.getLogger(__name__)
@@ -32,7 +28,7 @@ REMOTE_ONLY = frozenset({"max_concurrency", "timeout_s", "retries", "backoff_s",
                          "rate_limit_qps", "auth_env", "header_env", "verify", "check_timeout_s"})
 
 
-class OnnxBlackBox(BlackBox):
+class OnnxBlackBox(BudgetedBlackBox):
     def __init__(self, path: str | Path, spec: InputSpec | None = None, *, max_batch_size: int = 512,
                  query_budget: int | None = None, threads: int | None = None, **remote_options: object) -> None:
         unknown = set(remote_options) - REMOTE_ONLY
@@ -49,8 +45,7 @@ class OnnxBlackBox(BlackBox):
         self._session = None
         self._input_name: str | None = None
         self._load_lock = threading.Lock()
-        self._budget = QueryBudget(query_budget)
-        self._stats = Stats()
+        super().__init__(query_budget)
 
     def _load(self):  # noqa: ANN202 - onnxruntime.InferenceSession, imported lazily
         with self._load_lock:
@@ -85,24 +80,16 @@ class OnnxBlackBox(BlackBox):
     def check(self) -> None:
         self._load()
 
-    def predict(self, images: np.ndarray) -> Prediction:
-        images = validate_images(images, self.spec)
+    def _predict_allowed(self, images: np.ndarray) -> list[Prediction]:
         n = len(images)
-        self._stats.add(rows=n)
-        if n == 0:
-            return Prediction(np.zeros(0, np.int64), None, [])
-        allowed = self._budget.reserve(n)
-        parts = []
         try:
-            sess = self._load() if allowed else None
+            sess = self._load()
         except BlackBoxUnavailable as e:
-            self._stats.add(failures=allowed, images=allowed)
-            parts.append(Prediction(np.full(allowed, -1, np.int64), None, [str(e)[:300]] * allowed))
-            allowed_ok = 0
-        else:
-            allowed_ok = allowed
-        for a in range(0, allowed_ok, self.max_batch_size):
-            x = to_model_input(images[a:min(a + self.max_batch_size, allowed_ok)], self.spec)
+            self._stats.add(failures=n, images=n)
+            return [Prediction(np.full(n, -1, np.int64), None, [str(e)[:300]] * n)]
+        parts = []
+        for a in range(0, n, self.max_batch_size):
+            x = to_model_input(images[a:a + self.max_batch_size], self.spec)
             m = len(x)
             self._stats.add(queries=1, attempts=1, images=m)
             t0 = time.perf_counter()
@@ -117,15 +104,7 @@ class OnnxBlackBox(BlackBox):
                 parts.append(Prediction(labels, scores, [None] * m))
             finally:
                 self._stats.latency((time.perf_counter() - t0) * 1000.0)
-        if allowed < n:
-            self._stats.add(budget_rejected=n - allowed, failures=n - allowed)
-            parts.append(budget_refusal(n - allowed))
-        return Prediction.concat(parts)
-
-    def stats(self) -> dict:
-        d = self._stats.snapshot()
-        d["budget_left"] = self._budget.left
-        return d
+        return parts
 
     def close(self) -> None:
         self._session = None
