@@ -415,7 +415,7 @@ class RemoteBlackBox(BudgetedBlackBox):
     def _target(self) -> str:
         """A secret-free description of where queries go, for messages."""
 
-    # -- queries --------------------------------------------------------------------------------------------------
+    # -- the rows within the budget: chunks, in parallel up to max_concurrency ------------------------------------
     def _predict_allowed(self, images: np.ndarray) -> list[Prediction]:
         x = to_model_input(images, self.spec)
         chunks = [(i, min(i + self.max_batch_size, len(x))) for i in range(0, len(x), self.max_batch_size)]
@@ -424,6 +424,7 @@ class RemoteBlackBox(BudgetedBlackBox):
         # map keeps input order; at most max_concurrency requests are in flight at once
         return list(self._executor().map(lambda ab: self._run_chunk(x[ab[0]:ab[1]]), chunks))
 
+    # -- public (predict and stats: BudgetedBlackBox) -------------------------------------------------------------
     def close(self) -> None:
         with self._pool_lock:
             if self._pool is not None:
