@@ -65,6 +65,15 @@ class Prediction:
     labels: np.ndarray  # int64 (N,), -1 where the query failed
     scores: np.ndarray | None  # float32 (N, K) probabilities when the model gives logits/probs, else None
     errors: list[str | None] = field(default_factory=list)  # per row: None when fine, else a short reason
+    # Per row: True where the failure can pass by itself (endpoint down or slow, budget, auth, throttling), so a
+    # later run must ask again; False where it is fine or the black box refused the row's own data (HTTP 400/413/
+    # 415/422). None: every failed row is retryable.
+    retryable: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.retryable is None:
+            self.retryable = np.array([e is not None for e in self.errors], dtype=bool)
+        self.retryable = np.asarray(self.retryable, dtype=bool)
 
     @property
     def failed(self) -> np.ndarray:
@@ -76,7 +85,9 @@ class Prediction:
             return cls(np.zeros(0, np.int64), None, [])
         labels = np.concatenate([p.labels for p in parts]).astype(np.int64)
         errors = [e for p in parts for e in p.errors]
-        return cls(labels, _merge_scores([p.scores for p in parts], [len(p.labels) for p in parts]), errors)
+        retryable = np.concatenate([p.retryable for p in parts]).astype(bool)
+        return cls(labels, _merge_scores([p.scores for p in parts], [len(p.labels) for p in parts]), errors,
+                   retryable)
 
 
 def _merge_scores(scores: Sequence[np.ndarray | None], lengths: Sequence[int]) -> np.ndarray | None:
@@ -305,11 +316,13 @@ class RetryableError(Exception):
 
 
 class FatalError(Exception):
-    """A failure retrying cannot fix (4xx, undecodable response): the rows fail at once."""
+    """A failure retrying now cannot fix (4xx, undecodable response): the rows fail at once. ``retryable`` says
+    whether a later run may still succeed (False only where the black box refused the row's own data)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, retryable: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.retryable = retryable
 
 
 def parse_retry_after(value: str | None, cap_s: float) -> float | None:
@@ -478,6 +491,7 @@ class RemoteBlackBox(BudgetedBlackBox):
                             retry=retry_if_exception_type(RetryableError), before_sleep=self._before_sleep,
                             sleep=self._sleep, reraise=True)
         error: str
+        retryable = True
         try:
             out = retrying(self._attempt, x, self._next_id())
             labels, scores = parse_output(out, n)
@@ -485,7 +499,7 @@ class RemoteBlackBox(BudgetedBlackBox):
             tries = self.retries + 1
             error = f"{e.reason} after {tries} {'try' if tries == 1 else 'tries'}"
         except FatalError as e:
-            error = e.reason
+            error, retryable = e.reason, e.retryable
         except ValueError as e:  # parse_output: the model answered, but not with something we can read
             error = f"bad response: {e}"
         except Exception as e:  # noqa: BLE001 - a client bug must not kill a long job; the row records it
@@ -495,4 +509,4 @@ class RemoteBlackBox(BudgetedBlackBox):
             return Prediction(labels, scores, [None] * n)
         error = self._redact(error)[:300]
         self._stats.add(failures=n)
-        return Prediction(np.full(n, -1, np.int64), None, [error] * n)
+        return Prediction(np.full(n, -1, np.int64), None, [error] * n, np.full(n, retryable))

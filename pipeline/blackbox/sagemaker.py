@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from .base import BlackBoxUnavailable, FatalError, InputSpec, RemoteBlackBox, RetryableError
-from .v2 import RETRY_STATUS, decode_v2_response, encode_v2_request
+from .v2 import DATA_STATUS, RETRY_STATUS, decode_v2_response, encode_v2_request
 
 _RETRY_CODES = frozenset({"ThrottlingException", "ServiceUnavailable", "InternalFailure", "InternalDependencyException",
                           "ModelNotReadyException", "RequestTimeout"})
@@ -87,7 +87,8 @@ class SageMakerBlackBox(RemoteBlackBox):
             reason = f"sagemaker {code} (http {status})"
             if code in _RETRY_CODES or status in RETRY_STATUS:
                 raise RetryableError(reason) from e
-            raise FatalError(f"{reason}: {str(err.get('Message', ''))[:200]}") from e
+            raise FatalError(f"{reason}: {str(err.get('Message', ''))[:200]}",
+                             retryable=status not in DATA_STATUS) from e
         try:
             return decode_v2_response(json.loads(raw))
         except json.JSONDecodeError as e:

@@ -25,6 +25,8 @@ from .base import (
 )
 
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+# The endpoint refused the request's content: asking again with the same image will not help.
+DATA_STATUS = frozenset({400, 413, 415, 422})
 _NP_TO_V2 = {v: k for k, v in V2_DTYPES.items()}
 
 
@@ -119,7 +121,8 @@ class V2BlackBox(RemoteBlackBox):
             raise RetryableError(f"http {r.status_code}",
                                  parse_retry_after(r.headers.get("Retry-After"), self.max_retry_after_s))
         if r.status_code != 200:
-            raise FatalError(f"http {r.status_code}: {self._redact(r.text[:200])}")
+            raise FatalError(f"http {r.status_code}: {self._redact(r.text[:200])}",
+                             retryable=r.status_code not in DATA_STATUS)
         try:
             return decode_v2_response(r.json())
         except json.JSONDecodeError as e:
