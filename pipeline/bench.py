@@ -19,7 +19,7 @@ import torch
 from pipeline.datasets import DATASETS
 from pipeline.evaluate import evaluate, format_rows
 from pipeline.purify import build_purifier, load_model
-from pipeline.stages import pick_device
+from pipeline.purify.models import pick_device
 
 # (label, method, params). The first rows are the baselines as published; the last ones are ours.
 GRID: list[tuple[str, str, dict[str, Any]]] = [

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.purify.models import REPO_ROOT
 
@@ -64,18 +64,25 @@ class BlackBoxConfig(_Section):
 
 
 class ResourcesConfig(_Section):
-    purify_actors: int = Field(default=1, ge=1)  # initial/min size of the GPU actor pool
+    # The purify pool: one diffusion model per actor (and per GPU), whatever the method; a vote runs inside it.
+    purify_actors: int = Field(default=1, ge=1)  # initial/min size of the pool: must fit, or preflight fails
     max_purify_actors: int | None = None  # autoscaling upper bound (default = purify_actors)
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     purify_batch_size: int = Field(default=64, ge=1)
+    # The black-box service: actors that own the client, shared by every purifier. The query budget, rate limit
+    # and concurrency of `blackbox` are totals over all of them.
     query_actors: int = Field(default=1, ge=1)
     query_batch_size: int = Field(default=256, ge=1)
     decode_batch_size: int = Field(default=256, ge=1)
-    # Logical CPUs per actor/task. Zero by default for the actors: Ray Data's own listing, reading and
+    # Logical CPUs per actor/task. Zero by default for CPU purifiers: Ray Data's own listing, reading and
     # checkpoint-filter operators take 1 CPU each, and on a 2-CPU machine any more for ours deadlocks the plan.
     # CPU purification still uses the cores (torch_threads); on GPU nodes the GPU is what gets reserved.
     purify_cpus: float | None = Field(default=None, ge=0)  # None: 1 with a GPU, else 0
+    # Zero by default, like the CPU purifiers (see above); with zero, the service is placed on the node with the
+    # most CPUs, never on a head started with 0 CPUs to keep work off it.
     query_cpus: float = Field(default=0.0, ge=0)
+    # How long preflight waits for an autoscaler to add the nodes a plan needs; 0: fail at once (no autoscaler).
+    wait_for_nodes_s: float = Field(default=0.0, ge=0)
     decode_cpus: float = Field(default=0.25, gt=0)
     # Blocks of at most this size stream through the plan: the unit of progress, of resume and of output files.
     # Ray's default (128 MiB) would hold ~80k small images in one block, written only when the block is done.
@@ -112,6 +119,15 @@ class JobConfig(_Section):
     @classmethod
     def _strip(cls, v: str | None) -> str | None:
         return v.strip() or None if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _service_fits_its_limits(self) -> JobConfig:
+        # The service splits blackbox.max_concurrency over its actors: each needs at least one request in flight.
+        if not self.blackbox.uri.startswith("onnx:") and self.resources.query_actors > self.blackbox.max_concurrency:
+            raise ValueError(f"resources.query_actors ({self.resources.query_actors}) must be at most "
+                             f"blackbox.max_concurrency ({self.blackbox.max_concurrency}), the job's total of "
+                             "requests in flight")
+        return self
 
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:

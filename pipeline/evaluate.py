@@ -183,6 +183,6 @@ def evaluate_config(cfg, attacks: Sequence[str], n: int = 500) -> str:
 
 
 def _device(device: str) -> str:
-    from pipeline.stages import pick_device
+    from pipeline.purify.models import pick_device
 
     return pick_device(device)

@@ -1,9 +1,13 @@
 """The sanitize job as one linear Ray Data plan, top to bottom:
 
-    read -> decode -> purify (GPU actors) -> query (CPU actors) [-> escalate (GPU) -> vote (CPU)] x (k-1) -> write
+    read -> decode -> purify + query + decide (one actor pool, one model per GPU) -> encode -> write
+                                    |
+                      black-box service (a few CPU actors, job-wide limits)
 
-Linear on purpose: Ray Data's checkpointed resume only applies to Read -> maps -> Write, so each of the cascade's
-extra passes is two more maps (rows whose vote is already decided pass through) rather than a second dataset.
+Linear on purpose: Ray Data's checkpointed resume only applies to Read -> maps -> Write. One purify pool whatever
+the method: a vote's passes run inside the stage (pipeline/stages.py), so a plan never asks for k GPUs per
+purifier. Before any work, preflight checks the source, the destination, the black box, the model, the method and
+that the cluster can place the plan at all.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import pyarrow.fs as pafs
 from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.config import JobConfig
 from pipeline.decode import decode_batch
-from pipeline.purify.cascade import DEFAULTS as CASCADE_DEFAULTS
+from pipeline.placement import PlacementError, check_placement, plan_demand
 from pipeline.purify.models import REPO_ROOT
+from pipeline.resume import release_retryable
+from pipeline.service import ServiceHandle, start_service
 from pipeline.sink import to_output_batch
 from pipeline.sources import (
     SourceSpec,
@@ -31,7 +37,7 @@ from pipeline.sources import (
     mark_duplicate_keys,
     read_source,
 )
-from pipeline.stages import EscalateStage, PurifyStage, QueryStage, VoteStage
+from pipeline.stages import PurifyStage
 from pipeline.storage import StorageError, check_writable, describe, resolve_filesystem, uri_path
 
 log = logging.getLogger(__name__)
@@ -49,11 +55,18 @@ class Summary:
     seconds: float
     images_per_s: float
     output: str
+    retryable: int = 0  # error rows the next run retries (black box, budget, credentials)
+    retried: int = 0  # error rows of earlier runs this run processed again
+    queries: int = 0  # images the black box was asked about in this run (what its owner counts)
+    budget_rejected: int = 0
+    unet_share: float = 0.0  # share of the purify actors' wall time spent in the diffusion model
 
     def line(self) -> str:
-        return (f"rows {self.rows_total} (this run {self.rows_this_run}), errors {self.errors}, "
+        retry = f" ({self.retryable} retryable: rerun the same job to retry them)" if self.retryable else ""
+        return (f"rows {self.rows_total} (this run {self.rows_this_run}), errors {self.errors}{retry}, "
                 f"flagged {self.flagged}, mean NFE {self.mean_nfe:.1f}, {self.seconds:.1f}s, "
-                f"{self.images_per_s:.1f} img/s -> {self.output}")
+                f"{self.images_per_s:.1f} img/s, black-box queries {self.queries}, "
+                f"model busy {100 * self.unet_share:.0f}% -> {self.output}")
 
 
 def _local_abs(uri: str) -> str:
@@ -137,22 +150,54 @@ def preflight(cfg: JobConfig) -> Preflight:
     return Preflight(spec, fs_in, fs_out, out_path, info.id_column, model.image_size, model.channels)
 
 
-def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_size: int, model_channels: int):
+def ensure_placeable(cfg: JobConfig) -> None:
+    """Fail fast when the plan can never be placed: on the nodes alive now or, with `resources.wait_for_nodes_s`,
+    on what an autoscaler adds within that time (asked for through `request_resources`)."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    def alive() -> list[dict[str, float]]:
+        return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+    demand = plan_demand(cfg, ray.cluster_resources().get("GPU", 0) > 0)
+    need = cfg.resources.purify_actors
+    deadline = time.monotonic() + cfg.resources.wait_for_nodes_s
+    asked = False
+    while True:
+        try:
+            check_placement(demand, alive(), min_purifiers=need)
+            return
+        except PlacementError:
+            if time.monotonic() >= deadline:
+                raise
+            if not asked:
+                request_resources(bundles=[{"GPU": demand.gpus_per_purifier, "CPU": demand.cpus_per_purifier}
+                                           if demand.gpus_per_purifier else {"CPU": max(demand.cpus_per_purifier, 1)}
+                                           ] * need)
+                asked = True
+                log.info("waiting up to %.0f s for the autoscaler to add: %s", cfg.resources.wait_for_nodes_s,
+                         demand.describe())
+            time.sleep(2.0)
+
+
+def start_blackbox(cfg: JobConfig) -> ServiceHandle:
+    spec, opts = blackbox_options(cfg)
+    return start_service(blackbox_uri(cfg.blackbox.uri), spec, opts, cfg.resources.query_actors,
+                         cfg.resources.query_cpus, cfg.blackbox.max_concurrency)
+
+
+def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_size: int, model_channels: int,
+               service: ServiceHandle):
     """The Ray Data plan up to (not including) the write."""
     import ray
     from ray.data import ActorPoolStrategy
 
     r = cfg.resources
-    gpus = r.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    purify_cpus = r.purify_cpus if r.purify_cpus is not None else (1.0 if gpus > 0 else 0.0)
+    demand = plan_demand(cfg, ray.cluster_resources().get("GPU", 0) > 0)
     purify_kw = {"model": cfg.model.name, "device": cfg.model.device, "dtype": cfg.model.dtype,
                  "method": cfg.purify.method, "params": dict(cfg.purify.params), "seed": cfg.purify.seed,
-                 "torch_threads": r.torch_threads}
+                 "service": service.names, "namespace": service.namespace, "torch_threads": r.torch_threads}
     pool = ActorPoolStrategy(min_size=r.purify_actors, max_size=r.max_purify_actors or r.purify_actors)
-    bb_spec, bb_opts = blackbox_options(cfg)
-    query_kw = {"uri": blackbox_uri(cfg.blackbox.uri), "spec": bb_spec, "options": bb_opts}
 
     ds = read_source(spec, fs_in)
     dups = duplicate_keys(spec, fs_in)
@@ -165,23 +210,9 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
     ds = ds.map_batches(decode_batch, batch_size=r.decode_batch_size, batch_format="numpy", num_cpus=r.decode_cpus,
                         fn_kwargs={"size": model_size, "channels": model_channels,
                                    "policy": cfg.source.decode_policy, "max_bytes": cfg.source.max_image_bytes})
-    ds = ds.map_batches(PurifyStage, compute=pool, num_gpus=gpus, num_cpus=purify_cpus,
-                        batch_size=r.purify_batch_size, batch_format="numpy", fn_constructor_kwargs=purify_kw)
-    ds = ds.map_batches(QueryStage, compute=ActorPoolStrategy(size=r.query_actors), num_cpus=r.query_cpus,
-                        batch_size=r.query_batch_size, batch_format="numpy", fn_constructor_kwargs=query_kw)
-    if cfg.purify.method == "cascade":
-        params = cfg.purify.params
-        k = int(params.get("k", CASCADE_DEFAULTS["k"]))
-        ballots = {name: params.get(name, CASCADE_DEFAULTS[name]) for name in ("original_votes", "original_below")}
-        for j in range(1, k):  # one purify + query round per extra pass: each round's rows depend on the votes so far
-            ds = ds.map_batches(EscalateStage, compute=pool, num_gpus=gpus, num_cpus=purify_cpus,
-                                batch_size=r.purify_batch_size, batch_format="numpy",
-                                fn_constructor_kwargs={**purify_kw, "pass_index": j})
-            ds = ds.map_batches(VoteStage, compute=ActorPoolStrategy(size=r.query_actors), num_cpus=r.query_cpus,
-                                batch_size=r.query_batch_size, batch_format="numpy",
-                                fn_constructor_kwargs={**query_kw, **ballots, "pass_index": j,
-                                                       "last": j == k - 1})
-    return ds
+    return ds.map_batches(PurifyStage, compute=pool, num_gpus=demand.gpus_per_purifier,
+                          num_cpus=demand.cpus_per_purifier, batch_size=r.purify_batch_size, batch_format="numpy",
+                          fn_constructor_kwargs=purify_kw)
 
 
 def wait_for_tasks_to_end(cpus_before: float, timeout_s: float = FENCE_S) -> bool:
@@ -213,38 +244,43 @@ def _storage_failure(err: OSError, source: str, output: str, resumable: bool) ->
 
 def run_sanitize(cfg: JobConfig) -> Summary:
     """Validate, build the plan, stream it to Parquet, and summarise what the output now holds."""
+    import ray
     from ray.data import DataContext
 
     pre = preflight(cfg)
     spec, fs_in, fs_out, out_path = pre.spec, pre.fs_in, pre.fs_out, pre.out_path
     size, channels = pre.image_size, pre.channels
     init_ray(cfg)
+    ensure_placeable(cfg)
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.target_max_block_size = cfg.resources.max_block_kib * 1024
     id_col = pre.id_column
+    retried = 0
     if cfg.output.resume and id_col:
         # A URI, not the filesystem path: checkpoint_config resolves it against fs_out itself.
         out_uri = _local_abs(cfg.output.uri).rstrip("/")
+        retried = release_retryable(fs_out, out_path, f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}", id_col).rows
         ctx.checkpoint_config = checkpoint_config(spec, f"{out_uri}/{CHECKPOINT_DIR}", fs_out)
     else:
         ctx.checkpoint_config = None
         if cfg.output.resume:
             log.warning("source has no unique id column: this job cannot resume; a rerun reprocesses every row")
 
-    import ray
-
     before = count_output(fs_out, out_path)
     cpus_free = ray.available_resources().get("CPU", 0.0)
     t0 = time.time()
-    ds = build_plan(cfg, spec, fs_in, size, channels)
-    ds = ds.map_batches(to_output_batch, batch_format="numpy", batch_size=cfg.resources.query_batch_size,
-                        fn_kwargs={"keep_orig": cfg.output.keep_original,
-                                   "id_column": id_col if id_col != "key" else None})
+    service = start_blackbox(cfg)
     try:
+        ds = build_plan(cfg, spec, fs_in, size, channels, service)
+        ds = ds.map_batches(to_output_batch, batch_format="numpy", batch_size=cfg.resources.query_batch_size,
+                            fn_kwargs={"keep_orig": cfg.output.keep_original,
+                                       "id_column": id_col if id_col != "key" else None})
         ds.write_parquet(out_path, filesystem=fs_out, mode="append")
+        bb_stats = service.stats()
     except Exception as e:
+        service.close()
         if not wait_for_tasks_to_end(cpus_free):
             log.warning("tasks of the failed run were still running after %.0f s (or the cluster is shared): a "
                         "rerun started at once may write some rows twice; wait for them before rerunning", FENCE_S)
@@ -256,17 +292,23 @@ def run_sanitize(cfg: JobConfig) -> Summary:
         raise
     finally:
         ctx.checkpoint_config = None  # also after a failure: the next Ray Data job in this process must not inherit it
+    service.close()
     seconds = time.time() - t0
 
-    table = pads.dataset(out_path, filesystem=fs_out, format="parquet").to_table(
-        columns=["error", "flagged", "nfe"])
+    dataset = pads.dataset(out_path, filesystem=fs_out, format="parquet")
+    table = dataset.to_table(columns=[c for c in ("error", "flagged", "nfe", "retryable")
+                                      if c in dataset.schema.names])
     total = table.num_rows
     errors = total - table["error"].null_count
     flagged = int(sum(1 for f in table["flagged"].to_pylist() if f))
+    retryable = int(sum(1 for f in table["retryable"].to_pylist() if f)) if "retryable" in table.column_names else 0
     nfe = table["nfe"].to_numpy()
-    this_run = total - before
+    this_run = total - before + retried
     s = Summary(rows_total=total, rows_this_run=this_run, errors=errors, flagged=flagged,
                 mean_nfe=float(nfe.mean()) if total else 0.0, seconds=seconds,
-                images_per_s=this_run / seconds if seconds > 0 else 0.0, output=cfg.output.uri)
+                images_per_s=this_run / seconds if seconds > 0 else 0.0, output=cfg.output.uri,
+                retryable=retryable, retried=retried, queries=int(bb_stats.get("images", 0)),
+                budget_rejected=int(bb_stats.get("budget_rejected", 0)),
+                unet_share=float(bb_stats.get("unet_share", 0.0)))
     log.info("summary: %s", asdict(s))
     return s

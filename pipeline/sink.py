@@ -19,6 +19,9 @@ column             type         meaning
 ``params``         string       the method's parameters as canonical JSON (sorted keys)
 ``nfe``            float        diffusion network evaluations spent on this row (0 when nothing ran)
 ``error``          string, null why the row has no result (bad image, black-box failure); null when fine
+``retryable``      bool, null   on an error row: the cause can pass by itself (black box down or slow, query
+                                budget, credentials), so the next run of the same job retries the row; false when
+                                the row's own data failed (undecodable, too large), which no rerun can fix
 ``image_orig_png`` binary, null optional (``keep_orig``): the decoded, size-normalised original as PNG
 native id column   as read      optional: the reader's id column used for resume when it is not ``key``
                                 (``path`` for image folders, ``__key__`` for WebDataset, ``row_hash`` or the
@@ -61,6 +64,7 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("params", pa.string(), nullable=False),
     pa.field("nfe", pa.float32(), nullable=False),
     pa.field("error", pa.string()),
+    pa.field("retryable", pa.bool_()),
 ])
 ORIG_IMAGE_FIELD = pa.field("image_orig_png", pa.binary())
 
@@ -200,6 +204,8 @@ def to_output_batch(
         "params": pa.array(params_values, type=pa.string()),
         "nfe": pa.array(np.nan_to_num(nfe, nan=0.0), type=pa.float32()),
         "error": pa.array(errors, type=pa.string()),
+        "retryable": pa.array([bool(r) if e is not None else None
+                               for e, r in zip(errors, _list(batch.get("retryable", False), n))], type=pa.bool_()),
     }
     if keep_orig:
         columns["image_orig_png"] = _pngs(batch, ORIGINAL_INPUTS, n, bad)

@@ -1,53 +1,66 @@
-"""The Ray Data callable classes: purify (GPU actor), query (CPU actor), cascade escalation, and the output encoder.
+"""The purify stage: the one Ray Data callable class that holds a diffusion model.
 
-Everything Ray-specific lives here and in job.py; each stage only adapts a numpy batch to the pure functions in
-pipeline/purify, pipeline/blackbox and pipeline/sink. Rows that already carry an error pass through untouched, so a
-bad input becomes an error row instead of failing its block.
+One model per GPU, whatever the method: a row's whole decision (its passes, the queries, which rows need another
+pass, the vote) happens inside this stage, so the plan holds a single actor pool. The rounds themselves are pure
+(`pipeline.purify.cascade`: `Cascade.steps`, `one_pass_steps`); this class only drives them asynchronously. Several
+batches are in flight per actor: while one waits for the black-box service, the model works on another, and model
+calls go through one thread so that they never run on top of each other. Rows that already carry an error pass
+through untouched, so a bad input becomes an error row instead of failing its block.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.purify import build_purifier, load_model
-from pipeline.purify.cascade import Cascade, escalation_seeds, finish_cascade, needs_pass, original_ballots
+from pipeline.purify.cascade import Cascade, PurifyStep, Steps, one_pass_steps
+from pipeline.purify.models import pick_device
 from pipeline.sink import is_empty_error
 
 log = logging.getLogger(__name__)
+REPORT_EVERY_S = 2.0  # how often an actor tells the service how busy its model was
 
 
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+class GpuMismatchError(RuntimeError):
+    """Ray gave this actor a GPU, but torch cannot use it."""
+
+
+def check_gpu(device: str, gpu_ids: list[Any]) -> None:
+    """Fail instead of purifying on the CPU when Ray reserved a GPU that torch cannot see (typically a CUDA build
+    of torch newer than the node's NVIDIA driver). `model.device: cpu` opts out, e.g. on logical test GPUs."""
+    if not gpu_ids or device == "cpu" or torch.cuda.is_available():
+        return
+    build = f"torch {torch.__version__} built for CUDA {torch.version.cuda}" if torch.version.cuda else (
+        f"torch {torch.__version__}, a CPU-only build")
+    raise GpuMismatchError(
+        f"Ray gave this purify actor GPU {gpu_ids}, but torch sees no CUDA device ({build}; "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Run an image whose NVIDIA driver "
+        "supports this torch build (see cluster/README.md), or set model.device=cpu to purify on the CPU on purpose")
 
 
 def _ok_rows(batch: dict[str, np.ndarray]) -> np.ndarray:
     return np.array([is_empty_error(e) for e in batch["error"]], dtype=bool)
 
 
-def _set_errors(batch: dict[str, np.ndarray], rows: np.ndarray, reasons: list[str | None]) -> None:
-    err = np.array([None if is_empty_error(e) else e for e in batch["error"]], dtype=object)
-    for i, r in zip(rows, reasons):
-        if r is not None and err[i] is None:
-            err[i] = r
-    batch["error"] = err
-
-
 class PurifyStage:
-    """Holds the diffusion model; runs one pass (for a cascade: its first pass) on every good row."""
+    """Purify, query the black-box service, decide: one method, one model, on the actor's device."""
 
     def __init__(self, model: str, device: str, dtype: str, method: str, params: dict[str, Any], seed: int,
-                 torch_threads: int | None = None) -> None:
+                 service: list[str], namespace: str | None = None, torch_threads: int | None = None) -> None:
+        import ray
+
         self.device = pick_device(device)
+        check_gpu(device, ray.get_gpu_ids() if ray.is_initialized() else [])
         if self.device == "cpu":
             # Ray pins OMP threads to the actor's (fractional) logical CPUs; CPU purification wants the cores.
             torch.set_num_threads(torch_threads or os.cpu_count() or 1)
@@ -58,146 +71,89 @@ class PurifyStage:
         self.method = method
         self.params_json = json.dumps(built.params(), sort_keys=True)
         self.seed = seed
+        self._services = [ray.get_actor(n, namespace=namespace) for n in service]
+        self._next_service = itertools.cycle(range(len(self._services)))
+        self._unet = ThreadPoolExecutor(1, thread_name_prefix="unet")
+        self._name = ray.get_runtime_context().get_actor_id() or f"pid{os.getpid()}"
+        self._started = time.monotonic()
+        self._unet_s = 0.0
+        self._batches = 0
+        self._reported = 0.0
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = _ok_rows(batch)
-        images = batch["image"]
-        purified = np.zeros_like(images)
-        nfe = np.zeros(len(images), dtype=np.float32)
-        rows = np.flatnonzero(ok)
-        if rows.size:
-            keys = [str(k) for k in batch["key"][rows]]
+    # -- the model, off the event loop -------------------------------------------------------------------------
+    def _purify(self, images: np.ndarray, keys: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            res = self.purifier(images, keys, seed)
+        out = res.uint8(), res.nfe.numpy()
+        self._unet_s += time.perf_counter() - t0
+        return out
+
+    async def _drive(self, steps: Steps, images: np.ndarray, keys: list[str]):
+        loop = asyncio.get_running_loop()
+        answer: Any = None
+        while True:
             try:
-                with torch.inference_mode():
-                    res = self.purifier(images[rows], keys, self.seed)
-                purified[rows] = res.uint8()
-                nfe[rows] = res.nfe.numpy()
-            except (ValueError, TypeError) as exc:  # a shape the model cannot take: rows fail, the job goes on
-                _set_errors(batch, rows, [f"purify: {exc}"] * len(rows))
-        batch["purified"] = purified
-        batch["nfe"] = nfe
-        batch["method"] = np.full(len(images), self.method, dtype=object)
-        batch["params"] = np.full(len(images), self.params_json, dtype=object)
-        return batch
+                step = steps.send(answer)
+            except StopIteration as done:
+                return done.value
+            if isinstance(step, PurifyStep):
+                answer = await loop.run_in_executor(self._unet, self._purify, images[step.rows],
+                                                    [keys[i] for i in step.rows], step.seed)
+            else:
+                answer = await self._services[next(self._next_service)].predict.remote(step.images)
 
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now - self._reported >= REPORT_EVERY_S:
+            self._reported = now
+            self._services[0].report_purifier.remote(self._name, self._unet_s, now - self._started, self._batches)
 
-def fit_to_spec(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Resize / convert channels so that a model-sized uint8 batch matches what the black box takes."""
-    n, c, h, w = images.shape
-    if (c, h, w) == (spec.channels, spec.size, spec.size):
-        return images
-    x = torch.from_numpy(images).float()
-    if c != spec.channels:
-        x = x.mean(1, keepdim=True) if spec.channels == 1 else x.expand(n, spec.channels, h, w)
-    if (h, w) != (spec.size, spec.size):
-        x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).numpy()
+    # -- one batch ---------------------------------------------------------------------------------------------
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray.exceptions
 
-
-class QueryStage:
-    """Asks the black box about the original and the purified image of every good row, in one call."""
-
-    def __init__(self, uri: str, spec: dict[str, Any], options: dict[str, Any]) -> None:
-        self.spec = InputSpec(**spec)
-        self.bb = open_blackbox(uri, self.spec, **options)
-
-    def predict(self, images: np.ndarray):
-        return self.bb.predict(fit_to_spec(images, self.spec))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
-        rows = np.flatnonzero(_ok_rows(batch))
+        images = batch["image"]
+        errors = [None if is_empty_error(e) else str(e) for e in batch["error"]]
+        retryable = np.zeros(n, bool)
+        purified = np.zeros_like(images)
+        nfe = np.zeros(n, np.float32)
         pred_orig = np.full(n, -1, np.int64)
         pred_pur = np.full(n, -1, np.int64)
         score_orig = np.full(n, np.nan, np.float32)
         score_pur = np.full(n, np.nan, np.float32)
         flag_score = np.full(n, np.nan, np.float32)
+        rows = np.flatnonzero(_ok_rows(batch))
         if rows.size:
-            m = rows.size
-            pred = self.predict(np.concatenate([batch["image"][rows], batch["purified"][rows]]))
-            pred_orig[rows], pred_pur[rows] = pred.labels[:m], pred.labels[m:]
-            if pred.scores is not None:
-                s = pred.scores
-                score_orig[rows] = s[np.arange(m), np.maximum(pred.labels[:m], 0)]
-                score_pur[rows] = s[m + np.arange(m), np.maximum(pred.labels[m:], 0)]
-                # How much purification took away from the original answer's probability.
-                flag_score[rows] = score_orig[rows] - s[m + np.arange(m), np.maximum(pred.labels[:m], 0)]
+            x = np.ascontiguousarray(images[rows])
+            keys = [str(k) for k in batch["key"][rows]]
+            steps = self.cascade.steps(x, self.seed) if self.cascade else one_pass_steps(x, self.seed)
+            try:
+                d = await self._drive(steps, x, keys)
+            except (ValueError, TypeError) as exc:  # a shape the model cannot take: these rows fail, the job goes on
+                for i in rows:
+                    errors[i] = f"purify: {exc}"
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                # The service died or is restarting: nothing is wrong with these rows, a later run retries them.
+                for i in rows:
+                    errors[i] = f"black box: service unavailable ({type(exc).__name__})"
+                retryable[rows] = True
             else:
-                flag_score[rows] = (pred_orig[rows] != pred_pur[rows]).astype(np.float32)
-            reasons = [e1 or e2 for e1, e2 in zip(pred.errors[:m], pred.errors[m:])]
-            _set_errors(batch, rows, [None if r is None else f"black box: {r}" for r in reasons])
-        batch.update(pred_orig=pred_orig, pred_purified=pred_pur, score_orig=score_orig,
-                     score_purified=score_pur, flag_score=flag_score)
-        batch["flagged"] = (pred_orig != pred_pur) & (pred_orig >= 0) & (pred_pur >= 0)
-        return batch
-
-
-class EscalateStage(PurifyStage):
-    """Cascade only, one per extra pass j (1 <= j < k): pass j (its own seed) for the rows whose vote is still
-    open (`needs_pass`); other rows pass through. Carries `votes` (N, k) and `passes` (N, k, C, H, W) onwards."""
-
-    def __init__(self, pass_index: int, **kw: Any) -> None:
-        super().__init__(**kw)
-        assert self.cascade is not None, "EscalateStage needs method=cascade"
-        if not 1 <= pass_index < self.cascade.k:
-            raise ValueError(f"pass_index must be in [1, {self.cascade.k}), got {pass_index}")
-        self.j = pass_index
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        c, j = self.cascade, self.j
-        assert c is not None
-        n = len(batch["key"])
-        if j == 1:
-            votes = np.full((n, c.k), -1, np.int64)
-            votes[:, 0] = batch["pred_purified"]
-            passes = np.zeros((n, c.k, *batch["image"].shape[1:]), dtype=np.uint8)
-            passes[:, 0] = batch["purified"]
-        else:  # blocks arrive read-only (zero-copy from the object store)
-            votes, passes = np.array(batch["votes"]), np.array(batch["passes"])
-        ballots = c.ballots(batch["pred_orig"], batch["score_orig"])
-        open_rows = needs_pass(batch["pred_orig"], votes[:, :j], c.k, c.escalate, ballots)
-        rows = np.flatnonzero(_ok_rows(batch) & open_rows)
-        nfe = np.array(batch["nfe"], dtype=np.float32)
-        if rows.size:
-            keys = [str(x) for x in batch["key"][rows]]
-            with torch.inference_mode():
-                res = self.purifier(batch["image"][rows], keys, escalation_seeds(self.seed, c.k)[j - 1])
-            passes[rows, j] = res.uint8()
-            nfe[rows] += res.nfe.numpy()
-        batch.update(nfe=nfe, votes=votes, passes=passes, pending=np.isin(np.arange(n), rows))
-        return batch
-
-
-class VoteStage(QueryStage):
-    """Cascade only, after each EscalateStage: query pass j of the rows that ran it; after the last pass, vote
-    and keep an image that carries the vote."""
-
-    def __init__(self, uri: str, spec: dict[str, Any], options: dict[str, Any], original_votes: int,
-                 original_below: float | None, pass_index: int, last: bool) -> None:
-        super().__init__(uri, spec, options)
-        self.original_votes, self.original_below = original_votes, original_below
-        self.j, self.last = pass_index, last
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pending = batch.pop("pending")
-        votes = np.array(batch["votes"])
-        rows = np.flatnonzero(pending & _ok_rows(batch))
-        if rows.size:
-            # A failed vote is only a missing vote (-1); the first pass already gave this row a label.
-            votes[rows, self.j] = self.predict(batch["passes"][rows, self.j]).labels
-        batch["votes"] = votes
-        if not self.last:
-            return batch
-        passes = batch.pop("passes")
-        batch.pop("votes")
-        ballots = original_ballots(batch["pred_orig"], batch["score_orig"], self.original_votes, self.original_below)
-        out = finish_cascade(batch["pred_orig"], votes, passes, batch["nfe"].astype(np.float64), ballots)
-        good = _ok_rows(batch)
-        escalated = (votes[:, 1:] >= 0).any(1)
-        batch["purified"] = out.images
-        batch["pred_purified"] = np.where(good, out.labels, batch["pred_purified"])
-        batch["flag_score"] = np.where(good, out.flag_score, batch["flag_score"]).astype(np.float32)
-        batch["flagged"] = np.where(good, out.labels != batch["pred_orig"], batch["flagged"])
-        # Scores of the voted image are not re-queried; the first pass's score no longer describes it.
-        batch["score_purified"] = np.where(escalated, np.nan, batch["score_purified"]).astype(np.float32)
-        return batch
+                purified[rows], nfe[rows] = d.images, d.nfe
+                pred_orig[rows], pred_pur[rows] = d.pred_orig, d.labels
+                score_orig[rows], score_pur[rows], flag_score[rows] = d.score_orig, d.score_purified, d.flag_score
+                for local, i in enumerate(rows):
+                    if d.errors[local] is not None:
+                        errors[i] = d.errors[local]
+                        retryable[i] = bool(d.retryable[local])
+        self._batches += 1
+        self._report()
+        failed = np.array([e is not None for e in errors], bool)
+        out = dict(batch)
+        out.update(purified=purified, nfe=nfe, pred_orig=pred_orig, pred_purified=pred_pur, score_orig=score_orig,
+                   score_purified=score_pur, flag_score=flag_score,
+                   flagged=(pred_orig != pred_pur) & (pred_orig >= 0) & (pred_pur >= 0) & ~failed,
+                   error=np.array(errors, dtype=object), retryable=retryable & failed,
+                   method=np.full(n, self.method, dtype=object), params=np.full(n, self.params_json, dtype=object))
+        return out

@@ -341,10 +341,10 @@ def test_cascade_escalates_only_flipped_rows(model):
     flip_keys = {1, 4}
 
     def classify(x: np.ndarray) -> np.ndarray:
-        # A stand-in black box: labels by mean brightness; rows 1 and 4 of the *original* batch get label 9.
+        # A stand-in black box: labels by mean brightness; the *original* images 1 and 4 get label 9.
         lab = (x.reshape(len(x), -1).mean(1) > 127).astype(np.int64)
-        if x is imgs or np.array_equal(x, imgs):
-            lab[list(flip_keys)] = 9
+        for i in flip_keys:
+            lab[(x == imgs[i]).reshape(len(x), -1).all(1)] = 9
         return lab
 
     c = Cascade(SDEdit(model, t_start=60, steps=3), k=3, escalate="flip")
@@ -402,13 +402,16 @@ def test_cascade_original_label_votes_only_where_the_black_box_was_unsure(model)
 
     def classify(x: np.ndarray) -> Prediction:
         calls["n"] += 1
-        if calls["n"] == 1:  # the originals: label 4, unsure then certain
-            probs = np.full((2, 10), 0.0, np.float32)
-            probs[:, 4] = [0.6, 0.999]
-            return Prediction(np.array([4, 4]), probs, [None, None])
-        j = calls["n"] - 2  # pass j: labels 4, 7, 7, 4, 7 for every row
+        j = calls["n"] - 1  # pass j: labels 4, 7, 7, 4, 7 for every row
         lab = np.full(len(x), [4, 7, 7, 4, 7][j], np.int64)
-        return Prediction(lab, None, [None] * len(x))
+        if j > 0:
+            return Prediction(lab, None, [None] * len(x))
+        # The first query holds the originals (label 4, unsure then certain), then pass 0.
+        probs = np.full((4, 10), 0.0, np.float32)
+        probs[:2, 4] = [0.6, 0.999]
+        probs[2:, 4] = 1.0
+        lab[:2] = 4
+        return Prediction(lab, probs, [None] * 4)
 
     c = Cascade(SDEdit(model, t_start=100, steps=1), k=5, escalate="always", original_votes=2, original_below=0.95)
     out = c.run(imgs, ["a", "a"], seed=0, classify=classify)

@@ -24,7 +24,7 @@ places.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ Classify = Callable[[np.ndarray], Any]
 DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", "original_votes": 2, "original_below": 0.95}
 SDEDIT_BASE: dict = {"t_start": 300, "steps": 8, "eta": 1.0}
 ESCALATE = ("flip", "always")
+K_MAX = 64  # passes per image: a vote of more is a configuration mistake, not a setting
 
 
 def escalation_seeds(seed: int, k: int) -> list[int]:
@@ -72,13 +73,18 @@ def majority(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def vote_counts(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the largest and the second-largest count of one label among valid votes (N, m); -1 = no vote."""
+    """Per row, the largest and the second-largest count of one label among valid votes (N, m); -1 = no vote.
+
+    Labels are ranked first, so the work is bounded by the number of votes, not by the largest label id a black
+    box may answer."""
     n = len(votes)
-    if votes.size == 0 or votes.max() < 0:
+    valid = votes >= 0
+    if votes.size == 0 or not valid.any():
         return np.zeros(n, np.int64), np.zeros(n, np.int64)
-    counts = np.zeros((n, int(votes.max()) + 1), np.int64)
-    r, c = np.nonzero(votes >= 0)
-    np.add.at(counts, (r, votes[r, c]), 1)
+    _, rank = np.unique(votes[valid], return_inverse=True)
+    counts = np.zeros((n, int(rank.max()) + 1), np.int64)
+    r, _ = np.nonzero(valid)
+    np.add.at(counts, (r, rank), 1)
     top2 = -np.sort(-counts, axis=1)[:, :2]
     return top2[:, 0], (top2[:, 1] if top2.shape[1] > 1 else np.zeros(n, np.int64))
 
@@ -119,26 +125,153 @@ def _pool(votes: np.ndarray, ballots: np.ndarray | None) -> np.ndarray:
     return votes if ballots is None or ballots.shape[1] == 0 else np.concatenate([votes, ballots], 1)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A Classify answer, normalised: labels (-1 = none), each row's own-label probability (NaN = unknown), the
+    full scores when given, and per-row failures with whether a later run may succeed."""
+
+    labels: np.ndarray
+    own_score: np.ndarray
+    scores: np.ndarray | None
+    errors: list[str | None]
+    retryable: np.ndarray
+
+    @classmethod
+    def of(cls, answer: Any, n: int) -> Answer:
+        labels = np.asarray(getattr(answer, "labels", answer), dtype=np.int64).reshape(-1)
+        if len(labels) != n:
+            raise ValueError(f"the black box answered {len(labels)} rows for {n} images")
+        errors = list(getattr(answer, "errors", None) or [None] * n)
+        retry = getattr(answer, "retryable", None)
+        retryable = np.zeros(n, bool) if retry is None else np.asarray(retry, bool)
+        scores = getattr(answer, "scores", None)
+        own = np.full(n, np.nan, np.float32)
+        if scores is not None:
+            scores = np.asarray(scores, np.float32)
+            if scores.ndim != 2 or len(scores) != n:
+                scores = None
+            else:
+                ok = (labels >= 0) & (labels < scores.shape[1])
+                own[ok] = scores[np.flatnonzero(ok), labels[ok]]
+        missing = [i for i in range(n) if errors[i] is None and labels[i] < 0]
+        for i in missing:  # a label-less answer without a reason is still a failure, and says so
+            errors[i] = "black box gave no label"
+            retryable[i] = True
+        return cls(labels, own, scores, errors, retryable)
+
+    def score_of(self, labels: np.ndarray) -> np.ndarray:
+        """Each row's probability of `labels` (NaN where unknown)."""
+        out = np.full(len(labels), np.nan, np.float32)
+        if self.scores is not None:
+            ok = (labels >= 0) & (labels < self.scores.shape[1])
+            out[ok] = self.scores[np.flatnonzero(ok), labels[ok]]
+        return out
+
+
 def labels_and_scores(answer: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """A Classify answer -> (labels, the probability of each row's own label or None)."""
     labels = np.asarray(getattr(answer, "labels", answer), dtype=np.int64)
-    scores = getattr(answer, "scores", None)
-    if scores is None:
-        return labels, None
-    return labels, np.asarray(scores)[np.arange(len(labels)), np.maximum(labels, 0)].astype(np.float32)
+    a = Answer.of(answer, len(labels))
+    return labels, None if a.scores is None else a.own_score
+
+
+@dataclass(frozen=True)
+class PurifyStep:
+    """The rounds ask their driver to run the base purifier on batch rows `rows` with `seed`; the driver sends
+    back (uint8 images (len(rows), C, H, W), nfe (len(rows),))."""
+
+    rows: np.ndarray
+    seed: int
+
+
+@dataclass(frozen=True)
+class QueryStep:
+    """The rounds ask their driver to classify uint8 `images`; the driver sends back a Classify answer."""
+
+    images: np.ndarray
 
 
 @dataclass
-class CascadeOutcome:
-    images: np.ndarray  # uint8 (N, C, H, W): per row, the first pass that voted the winner (pass 0 where the original
-    # label won on its own ballots)
-    pred_orig: np.ndarray
-    pred_first: np.ndarray
-    labels: np.ndarray  # the defended labels
-    flagged: np.ndarray  # the defended label differs from the original one
-    flag_score: np.ndarray  # share of purified votes that disagree with the original label
-    nfe: np.ndarray
-    votes: np.ndarray  # (N, k) purified labels per pass, -1 where a pass did not run
+class Decision:
+    """What the rounds decided for each row of a batch."""
+
+    images: np.ndarray  # uint8 (N, C, H, W): the purified image that carries the defended label
+    pred_orig: np.ndarray  # the black box on the original image (-1 = none)
+    score_orig: np.ndarray  # its probability for that label (NaN = unknown)
+    labels: np.ndarray  # the defended labels (-1 = none)
+    score_purified: np.ndarray  # the black box's probability for the defended label on `images` (NaN = unknown)
+    flag_score: np.ndarray  # how suspicious the row is (higher = more)
+    nfe: np.ndarray  # diffusion network evaluations spent per row
+    errors: list[str | None]  # why a row has no decision (a black-box failure); None when fine
+    retryable: np.ndarray  # per row: the failure can pass by itself, so a later run must try again
+    votes: np.ndarray | None = None  # (N, k) purified labels per pass (-1 = not run); None for one pass
+
+    @property
+    def flagged(self) -> np.ndarray:
+        return (self.labels != self.pred_orig) & (self.labels >= 0) & (self.pred_orig >= 0)
+
+    @property
+    def pred_first(self) -> np.ndarray:
+        return self.votes[:, 0] if self.votes is not None else self.labels
+
+
+Steps = Generator["PurifyStep | QueryStep", Any, Decision]
+
+
+class _Failures:
+    def __init__(self, n: int) -> None:
+        self.errors: list[str | None] = [None] * n
+        self.retryable = np.zeros(n, bool)
+
+    def add(self, rows: np.ndarray, answer: Answer, offset: int = 0) -> None:
+        for local, row in enumerate(rows):
+            e = answer.errors[offset + local]
+            if e is not None and self.errors[row] is None:
+                self.errors[row] = f"black box: {e}"
+                self.retryable[row] = bool(answer.retryable[offset + local])
+
+    @property
+    def failed(self) -> np.ndarray:
+        return np.array([e is not None for e in self.errors], bool)
+
+
+def one_pass_steps(images: np.ndarray, seed: int) -> Steps:
+    """A single-pass method's rounds: purify every row once, ask about the original and the purified image in one
+    query. flag_score: how much purification took from the original answer's probability (or 1 for a flip, 0
+    otherwise, when the black box gives labels only)."""
+    n = len(images)
+    out, nfe = yield PurifyStep(np.arange(n), seed)
+    a = Answer.of((yield QueryStep(np.concatenate([images, out]))), 2 * n)
+    fail = _Failures(n)
+    rows = np.arange(n)
+    fail.add(rows, a)
+    fail.add(rows, a, offset=n)
+    pred_orig, pred_pur = a.labels[:n], a.labels[n:]
+    if a.scores is not None:
+        flag = a.own_score[:n] - a.score_of(np.concatenate([np.full(n, -1), pred_orig]))[n:]
+    else:
+        flag = (pred_orig != pred_pur).astype(np.float32)
+    bad = fail.failed
+    return Decision(images=out, pred_orig=np.where(bad, -1, pred_orig), score_orig=a.own_score[:n],
+                    labels=np.where(bad, -1, pred_pur), score_purified=a.own_score[n:],
+                    flag_score=np.where(bad, np.nan, flag).astype(np.float32),
+                    nfe=np.asarray(nfe, np.float64), errors=fail.errors, retryable=fail.retryable)
+
+
+def drive(steps: Steps, images: np.ndarray, keys: Sequence[str], purify: Purifier, classify: Classify) -> Decision:
+    """Run rounds in this thread: purifier calls inline, queries through `classify`. The pipeline's purify stage
+    drives the same rounds asynchronously (pipeline/stages.py), so both decide alike."""
+    answer: Any = None
+    while True:
+        try:
+            step = steps.send(answer)
+        except StopIteration as done:
+            return done.value
+        if isinstance(step, PurifyStep):
+            res = purify(images[step.rows], [keys[i] for i in step.rows], step.seed)
+            answer = (res.uint8(), res.nfe.numpy())
+        else:
+            answer = classify(step.images)
 
 
 class Cascade:
@@ -151,8 +284,8 @@ class Cascade:
     def __init__(self, base: Purifier, k: int = DEFAULTS["k"], escalate: str = DEFAULTS["escalate"],
                  original_votes: int = DEFAULTS["original_votes"],
                  original_below: float | None = DEFAULTS["original_below"]) -> None:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if not 1 <= int(k) <= K_MAX:
+            raise ValueError(f"k must be in [1, {K_MAX}], got {k}")
         if escalate not in ESCALATE:
             raise ValueError(f"escalate must be one of {ESCALATE}, got {escalate!r}")
         if not 0 <= int(original_votes) <= k:
@@ -175,27 +308,56 @@ class Cascade:
         # Per image when nothing escalates (flip) or the first two passes agree (always); at most k times the base.
         return self.base.nominal_nfe * (1 if self.escalate == "flip" or self.k == 1 else 2)
 
-    def run(self, images: np.ndarray | torch.Tensor, keys: Sequence[str], seed: int,
-            classify: Classify) -> CascadeOutcome:
-        images = np.asarray(images)
-        first = self.base(images, keys, seed)
-        out = first.uint8()
-        n = len(out)
-        nfe = first.nfe.numpy().astype(np.float64)
-        pred_orig, score_orig = labels_and_scores(classify(images))
-        ballots = self.ballots(pred_orig, score_orig)
+    def steps(self, images: np.ndarray, seed: int) -> Steps:
+        """The vote's rounds for one batch: pass 0 on every row and one query for the originals and pass 0; then,
+        per extra pass j, the rows whose vote is still open (`needs_pass`) get pass j and a query. A row whose
+        query fails leaves the vote with its reason (it never votes with fewer passes than the rule asks)."""
+        n = len(images)
+        out, nfe0 = yield PurifyStep(np.arange(n), seed)
+        a = Answer.of((yield QueryStep(np.concatenate([images, out]))), 2 * n)
+        fail = _Failures(n)
+        fail.add(np.arange(n), a)
+        fail.add(np.arange(n), a, offset=n)
+        pred_orig, score_orig = a.labels[:n], a.own_score[:n]
+        ballots = self.ballots(pred_orig, score_orig if a.scores is not None else None)
         votes = np.full((n, self.k), -1, dtype=np.int64)
-        votes[:, 0] = labels_and_scores(classify(out))[0]
+        votes[:, 0] = a.labels[n:]
         passes = np.zeros((n, self.k, *out.shape[1:]), dtype=np.uint8)
         passes[:, 0] = out
+        nfe = np.asarray(nfe0, np.float64).copy()
         for j, s in enumerate(escalation_seeds(seed, self.k), start=1):
-            rows = np.flatnonzero(needs_pass(pred_orig, votes[:, :j], self.k, self.escalate, ballots))
-            if rows.size:
-                res = self.base(images[rows], [keys[i] for i in rows], s)
-                passes[rows, j] = res.uint8()
-                votes[rows, j] = labels_and_scores(classify(passes[rows, j]))[0]
-                nfe[rows] += res.nfe.numpy()
-        return finish_cascade(pred_orig, votes, passes, nfe, ballots)
+            rows = np.flatnonzero(~fail.failed & needs_pass(pred_orig, votes[:, :j], self.k, self.escalate, ballots))
+            if not rows.size:
+                continue
+            imgs, extra = yield PurifyStep(rows, s)
+            passes[rows, j] = imgs
+            nfe[rows] += extra
+            aj = Answer.of((yield QueryStep(imgs)), len(rows))
+            votes[rows, j] = aj.labels
+            fail.add(rows, aj)
+        out = finish_cascade(pred_orig, votes, passes, nfe, ballots)
+        bad = fail.failed
+        first_score = a.own_score[n:]
+        escalated = (votes[:, 1:] >= 0).any(1)
+        return Decision(images=out.images, pred_orig=np.where(bad, -1, pred_orig), score_orig=score_orig,
+                        labels=np.where(bad, -1, out.labels),
+                        # the voted image's own score is not queried again; pass 0's no longer describes it
+                        score_purified=np.where(escalated, np.nan, first_score).astype(np.float32),
+                        flag_score=np.where(bad, np.nan, out.flag_score).astype(np.float32), nfe=nfe,
+                        errors=fail.errors, retryable=fail.retryable, votes=votes)
+
+    def run(self, images: np.ndarray | torch.Tensor, keys: Sequence[str], seed: int,
+            classify: Classify) -> Decision:
+        images = np.asarray(images)
+        return drive(self.steps(images, seed), images, keys, self.base, classify)
+
+
+@dataclass
+class CascadeOutcome:
+    images: np.ndarray  # uint8 (N, C, H, W): per row, the first pass that voted the winner (pass 0 where the original
+    # label won on its own ballots)
+    labels: np.ndarray  # the defended labels
+    flag_score: np.ndarray  # share of purified votes that disagree with the original label
 
 
 def finish_cascade(pred_orig: np.ndarray, votes: np.ndarray, passes: np.ndarray, nfe: np.ndarray,
@@ -207,5 +369,4 @@ def finish_cascade(pred_orig: np.ndarray, votes: np.ndarray, passes: np.ndarray,
     disagree = ((votes != pred_orig[:, None]) & valid).sum(1) / np.maximum(valid.sum(1), 1)
     pick = np.argmax(votes == labels[:, None], axis=1)  # first pass that voted the winner (0 if none did)
     images = passes[np.arange(len(labels)), pick]
-    return CascadeOutcome(images=images, pred_orig=pred_orig, pred_first=votes[:, 0], labels=labels,
-                          flagged=labels != pred_orig, flag_score=disagree.astype(np.float32), nfe=nfe, votes=votes)
+    return CascadeOutcome(images=images, labels=labels, flag_score=disagree.astype(np.float32))

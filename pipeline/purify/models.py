@@ -133,3 +133,10 @@ def build_unet(image_size: int = 28, channels: int = 1, width: int = 32) -> UNet
         layers_per_block=1,
         norm_num_groups=8,
     )
+
+
+def pick_device(device: str) -> str:
+    """`auto` -> `cuda` when torch sees a CUDA device, else `cpu`; anything else as given."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"

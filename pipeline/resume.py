@@ -1,0 +1,100 @@
+"""Resume that never freezes a transient failure.
+
+Ray Data's checkpoint records the id of every row the job writes, error rows included, and a rerun skips them. A
+row that failed because the black box was down, slow, out of budget or refused the credentials is not done,
+though: before a rerun starts, `release_retryable` removes such rows (``retryable`` true in the output) from the
+output files and their ids from the checkpoint, so the rerun processes them again. Rows that failed on their own
+data (``retryable`` false) stay as they are.
+
+Order matters for a crash in the middle: ids leave the checkpoint first, rows leave the output second. Stopped
+between the two, the next start finds the same rows and finishes the job; at no point is a row in neither place.
+Each file is rewritten under a hidden temporary name and moved over the original, so a reader never sees half a
+file.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+PENDING_SUFFIX = ".pending.parquet"  # Ray's two-phase commit: not yet committed, Ray cleans these itself
+
+
+@dataclass
+class Released:
+    rows: int  # retryable error rows removed from the output
+    files: int  # output files rewritten
+
+
+def _visible(relative: str) -> bool:
+    return not any(part.startswith(("_", ".")) for part in relative.split("/"))
+
+
+def _parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    root = root.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                  and _visible(i.path[len(root) + 1:]))
+
+
+def _rewrite(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    parent, _, name = path.rpartition("/")
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        pq.write_table(table, f)
+    fs.move(tmp, path)
+
+
+def retryable_ids(fs: pafs.FileSystem, out_path: str, id_column: str) -> tuple[pa.Array, dict[str, int]]:
+    """The ids of retryable error rows in the output, and how many such rows each file holds."""
+    ids: list[pa.Array] = []
+    per_file: dict[str, int] = {}
+    for path in _parquet_files(fs, out_path):
+        schema = pq.read_schema(path, filesystem=fs)
+        if "retryable" not in schema.names or id_column not in schema.names:
+            continue
+        t = pq.read_table(path, filesystem=fs, columns=[id_column, "retryable"])
+        mask = pc.fill_null(t["retryable"], False)
+        hits = int(pc.sum(mask).as_py() or 0)
+        if hits:
+            per_file[path] = hits
+            ids.append(t[id_column].filter(mask).combine_chunks())
+    if not ids:
+        return pa.array([], pa.string()), per_file
+    return pa.concat_arrays([a.cast(ids[0].type) for a in ids]), per_file
+
+
+def release_retryable(fs: pafs.FileSystem, out_path: str, checkpoint_path: str, id_column: str) -> Released:
+    """Make the next run retry every retryable error row of the output (see the module's docstring)."""
+    ids, per_file = retryable_ids(fs, out_path, id_column)
+    if not per_file:
+        return Released(0, 0)
+    for path in _parquet_files(fs, checkpoint_path) if _exists(fs, checkpoint_path) else []:
+        if path.endswith(PENDING_SUFFIX):
+            continue
+        t = pq.read_table(path, filesystem=fs)
+        if id_column not in t.column_names:
+            continue
+        keep = pc.invert(pc.is_in(t[id_column], value_set=ids.cast(t.schema.field(id_column).type)))
+        if int(pc.sum(keep).as_py() or 0) < t.num_rows:
+            _rewrite(fs, path, t.filter(keep))
+    removed = 0
+    for path in per_file:
+        t = pq.read_table(path, filesystem=fs)
+        keep = pc.invert(pc.fill_null(t["retryable"], False))
+        kept = t.filter(keep)
+        removed += t.num_rows - kept.num_rows
+        _rewrite(fs, path, kept)
+    log.info("retrying %d row(s) that failed for a reason that can pass (black box, budget, credentials)", removed)
+    return Released(removed, len(per_file))
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.Directory
