@@ -13,6 +13,10 @@ fused into the read tasks:
     The encoded image, untouched (null when a WebDataset sample has no image member).
 ``label`` (int64)
     The ground-truth label, ``-1`` when the source has none.
+``error`` (string, null when fine)
+    Why the row cannot be used, decided at the read: ``missing key`` (a null in the Parquet key column), ``image
+    too large`` (a cell or tar member past ``max_image_bytes``, never read or passed on), ``members of sample ...
+    not contiguous`` (WebDataset). Decode keeps it, so each such row becomes an error row instead of a failed read.
 the reader-native id column (see :func:`id_column`)
     Kept as the reader produced it, because Ray Data's checkpointed resume filters rows on that column right after
     the read and finds the finished ids in the output: ``path`` (image folder), the Parquet key column when it is
@@ -27,7 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import re
 import tarfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -54,6 +61,9 @@ _WDS_LABEL_MEMBERS = ("cls", "label", "class")
 _WDS_PROBE_MEMBERS = 64
 # Row hashes that decode to a row index beyond this mean Ray changed its hash; keys then fall back to the hash.
 _MAX_PLAUSIBLE_ROW = 1 << 40
+# Largest encoded image (Parquet cell, tar member, image file) passed on from the read: bigger ones become error
+# rows there, and tar members are not even read. The same order as decode's own byte limit.
+DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
 
 NORMALISED_COLUMNS = ("key", "shard", "image_bytes", "label")
 WDS_ID_COLUMN = "sample_id"
@@ -82,12 +92,15 @@ class SourceSpec:
     label_column: str | None = "label"
     endpoint_url: str | None = None
     limit: int | None = None
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"unknown source format {self.format!r}; expected one of {', '.join(FORMATS)}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
 
 
 @dataclass
@@ -195,6 +208,12 @@ def _inspect_parquet(fs: pafs.FileSystem, spec: SourceSpec, info: SourceInfo) ->
                 f"key column 'key' in {describe(fs, first)} has type {key_type}; a column named 'key' must hold "
                 "strings (rename it, or set key_column to None to use file:row keys)"
             )
+        if not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type) or pa.types.is_integer(key_type)):
+            # a null key gets a stand-in id of the column's own type (see _fill_missing_keys): text or integers
+            raise SourceError(
+                f"key column {spec.key_column!r} in {describe(fs, first)} has type {key_type}; a key column must "
+                "hold strings or integers (or set key_column to None to use file:row keys)"
+            )
         info.has_key = True
         info.id_column = spec.key_column
     else:
@@ -279,7 +298,19 @@ class SourceCheckpointFilter(NumpyArrayBasedCheckpointFilter):
         synthesized = self.id_column == WDS_ID_COLUMN and WDS_ID_COLUMN not in table.column_names
         if synthesized:
             table = table.append_column(WDS_ID_COLUMN, _wds_sample_ids(table))
+        original = None
+        if (self.id_column in table.column_names and table[self.id_column].null_count
+                and {"path", "row_hash"} <= set(table.column_names)):
+            # a null Parquet key: filter on the same stand-in id the normaliser writes, so a resumed run finds the
+            # row done; the rows kept go on with the reader's own column, nulls included, for the normaliser to mark
+            original = table[self.id_column]
+            filled, _ = _fill_missing_keys(original, table["path"], table["row_hash"])
+            table = table.set_column(table.column_names.index(self.id_column), self.id_column, filled)
+            table = table.append_column("__row__", pa.array(np.arange(table.num_rows, dtype=np.int64)))
         out = super().filter_rows_for_block(table)
+        if original is not None:
+            out = out.set_column(out.column_names.index(self.id_column), self.id_column,
+                                 original.take(out["__row__"])).drop_columns(["__row__"])
         return out.drop_columns([WDS_ID_COLUMN]) if synthesized else out
 
 
@@ -350,6 +381,9 @@ def mark_duplicate_keys(table: pa.Table, counts: dict[str, int]) -> pa.Table:
     the same ids, treats them alike too."""
     errors = [None if k is None or k not in counts else f"duplicate key ({counts[k]} rows of the source have this key)"
               for k in table["key"].to_pylist()]
+    if "error" in table.column_names:  # a reason the read already found comes first
+        errors = [old or new for old, new in zip(table["error"].to_pylist(), errors, strict=True)]
+        table = table.drop_columns(["error"])
     return table.append_column("error", pa.array(errors, type=pa.string()))
 
 
@@ -362,30 +396,114 @@ def read_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> ray.data
     if spec.format == "parquet":
         # At least one read task per shard: Ray would pack small shards into one task and so one block, and then
         # the whole dataset moves through purify and lands in the output as a single late write.
-        ds = ray.data.read_parquet(info.shards, filesystem=fs, include_paths=True, include_row_hash=not info.has_key,
+        # The row hash also with a key column: it names a row whose key is null (see _fill_missing_keys).
+        ds = ray.data.read_parquet(info.shards, filesystem=fs, include_paths=True, include_row_hash=True,
                                    override_num_blocks=len(info.shards))
         columns = [spec.image_column, "path"]
-        columns += [spec.key_column] if info.has_key else ["row_hash"]
+        columns += [spec.key_column, "row_hash"] if info.has_key else ["row_hash"]
         columns += [spec.label_column] if info.has_label else []
         # Projection is pushed into the reader: other (maybe large) columns are never fetched.
         ds = ds.select_columns(columns)
         fn, kwargs = _normalise_parquet, {
             "root": info.root, "image_column": spec.image_column,
             "key_column": spec.key_column if info.has_key else None,
-            "label_column": spec.label_column if info.has_label else None,
+            "label_column": spec.label_column if info.has_label else None, "max_image_bytes": spec.max_image_bytes,
         }
     elif spec.format == "webdataset":
-        ds = ray.data.read_webdataset(info.shards, filesystem=fs, decoder=None, override_num_blocks=len(info.shards))
+        ds = ray.data.read_datasource(
+            _webdataset_datasource()(info.shards, max_member_bytes=spec.max_image_bytes, decoder=None, filesystem=fs),
+            override_num_blocks=len(info.shards))
         fn, kwargs = _normalise_webdataset, {"root": info.root, "label_column": spec.label_column}
     else:
         ds = ray.data.read_binary_files(
             info.root, filesystem=fs, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS)
         )
-        fn, kwargs = _normalise_imagefolder, {"root": info.root, "classes": info.classes}
+        fn, kwargs = _normalise_imagefolder, {"root": info.root, "classes": info.classes,
+                                              "max_image_bytes": spec.max_image_bytes}
     if spec.limit is not None:
         ds = ds.limit(spec.limit)
     # batch_size=None maps whole blocks, so the map fuses into the read tasks at no extra copy.
     return ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
+
+
+# --- WebDataset reading (runs in Ray workers) ------------------------------------------------------------------------
+
+_WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # the WebDataset convention: key . suffix
+_WDS_READ_ROWS = 512
+
+
+def _wds_samples(stream: object, url: str, max_member_bytes: int) -> Iterator[dict]:
+    """Samples of one tar stream as dicts (``__key__``, ``__url__``, ``__error__``, one entry per member).
+
+    Unlike Ray's reader, no member can stop the read: a member past ``max_member_bytes`` is skipped unread (tar
+    headers give the size first; a sparse member's is its full size) and its sample gets the reason; a key seen
+    again after other samples (members not contiguous, against the WebDataset convention) becomes its own sample
+    ``KEY~N`` with the reason, so every key stays unique; a tar that breaks mid-way ends with a ``~unreadable``
+    sample saying so. Nothing is lost silently."""
+    current: dict | None = None
+    seen: dict[str, int] = {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                match = _WDS_NAME.match(member.name) if member.isreg() else None
+                if match is None:
+                    continue
+                prefix, suffix = match.group(1), match.group(2)
+                if current is None or current["__base__"] != prefix:
+                    if current is not None:
+                        yield _finish(current)
+                    again = seen.get(prefix, 0)
+                    seen[prefix] = again + 1
+                    current = {"__key__": prefix if not again else f"{prefix}~{again + 1}", "__base__": prefix,
+                               "__url__": url, "__error__": None}
+                    if again:
+                        current["__error__"] = (f"members of sample {prefix!r} are not contiguous in the shard "
+                                                "(re-create it with tar --sort=name)")
+                if member.size > max_member_bytes:
+                    current["__error__"] = current["__error__"] or (
+                        f"image too large (member {suffix}: {member.size} bytes > {max_member_bytes})")
+                    continue  # not read: the streaming tar skips its data
+                if suffix in current:
+                    current["__error__"] = current["__error__"] or f"duplicate member {suffix} in the sample"
+                    continue
+                current[suffix] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        if current is not None:
+            yield _finish(current)
+            current = None
+        yield {"__key__": "~unreadable", "__url__": url,
+               "__error__": f"shard unreadable after {sum(seen.values())} samples ({type(e).__name__})"}
+    if current is not None:
+        yield _finish(current)
+
+
+def _finish(sample: dict) -> dict:
+    sample.pop("__base__", None)
+    return sample
+
+
+def _webdataset_datasource() -> type:
+    """Ray's WebDataset datasource (listing, file metadata, task splitting) with :func:`_wds_samples` as the tar
+    reader; built lazily so importing this module does not import Ray's internals."""
+    import pandas as pd
+    from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
+
+    class TolerantWebDatasetDatasource(WebDatasetDatasource):
+        def __init__(self, paths: list[str], *, max_member_bytes: int, **kwargs: object) -> None:
+            super().__init__(paths, **kwargs)
+            self.max_member_bytes = max_member_bytes
+
+        def _read_stream(self, stream: object, path: str) -> Iterator[pd.DataFrame]:
+            rows: list[dict] = []
+            for sample in _wds_samples(stream, path, self.max_member_bytes):
+                rows.append(sample)
+                if len(rows) >= _WDS_READ_ROWS:
+                    yield pd.DataFrame.from_records(rows)
+                    rows = []
+            if rows:
+                yield pd.DataFrame.from_records(rows)
+
+    return TolerantWebDatasetDatasource
 
 
 # --- per-block normalisation (runs in Ray workers; plain functions so they pickle) ---------------------------------
@@ -432,15 +550,58 @@ def _row_index(paths: list[str], row_hash: np.ndarray) -> np.ndarray:
     return x
 
 
+def _fill_missing_keys(
+    keys: pa.ChunkedArray | pa.Array, paths: pa.ChunkedArray | pa.Array, row_hash: pa.ChunkedArray | pa.Array
+) -> tuple[pa.Array, np.ndarray]:
+    """A null Parquet key -> a stand-in of the column's type, the same in the reader's checkpoint filter and in the
+    normaliser: ``{shard path}:{row}`` for text, a negative id drawn from Ray's row hash for integers (real keys
+    are rarely negative 62-bit numbers). Returns the filled column and where it was null."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    if pa.types.is_integer(keys.type):
+        keys = keys.cast(pa.int64())  # one type in every block, whether or not it had a null to fill
+    missing = keys.is_null().to_numpy(zero_copy_only=False)
+    if not missing.any():
+        return keys, missing
+    hashes = np.asarray(row_hash.to_numpy(), dtype=np.uint64)
+    if pa.types.is_integer(keys.type):
+        stand_in = -(hashes & np.uint64((1 << 62) - 1)).astype(np.int64) - 1
+        values = np.where(missing, stand_in, keys.fill_null(0).to_numpy())
+        return pa.array(values, type=pa.int64()), missing
+    path_list = paths.to_pylist()
+    rows = _row_index(path_list, hashes)
+    values = keys.to_pylist()
+    for i in np.flatnonzero(missing).tolist():
+        row = int(rows[i])
+        values[i] = f"{path_list[i]}:{row}" if row < _MAX_PLAUSIBLE_ROW else f"{path_list[i]}:h{int(hashes[i]):016x}"
+    return pa.array(values, type=keys.type), missing
+
+
+def _cap_images(images: pa.Array, errors: list[str | None], cap: int) -> pa.Array:
+    """Cells past ``cap`` bytes -> null image and an ``image too large`` reason; the bytes go no further."""
+    lengths = pc.binary_length(images).to_numpy(zero_copy_only=False)
+    big = np.nan_to_num(lengths.astype(np.float64), nan=0.0) > cap
+    if not big.any():
+        return images
+    for i in np.flatnonzero(big).tolist():
+        errors[i] = errors[i] or f"image too large ({int(lengths[i])} bytes > {cap})"
+    return pc.if_else(pa.array(big), pa.nulls(len(images), images.type), images)
+
+
 def _normalise_parquet(
-    table: pa.Table, root: str, image_column: str, key_column: str | None, label_column: str | None
+    table: pa.Table, root: str, image_column: str, key_column: str | None, label_column: str | None,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> pa.Table:
     n = table.num_rows
     paths = table["path"].to_pylist()
     names = _relative_array(table["path"], root)
+    errors: list[str | None] = [None] * n
     if key_column is not None:
-        keys = pc.cast(table[key_column], pa.string())
-        native = [(key_column, table[key_column])] if key_column != "key" else []
+        native_values, missing = _fill_missing_keys(table[key_column], table["path"], table["row_hash"])
+        for i in np.flatnonzero(missing).tolist():
+            errors[i] = f"missing key (column {key_column!r} is null)"
+        keys = pc.cast(native_values, pa.string())
+        native = [(key_column, native_values)] if key_column != "key" else []
     else:
         hashes = table["row_hash"].to_numpy()
         rows = _row_index(paths, hashes)
@@ -449,11 +610,13 @@ def _normalise_parquet(
             for name, row, h in zip(names, rows.tolist(), hashes.tolist(), strict=True)
         ], type=pa.string())
         native = [("row_hash", table["row_hash"])]
+    images = _cap_images(_as_binary(table[image_column]), errors, max_image_bytes)
     columns = {
         "key": keys,
         "shard": table["path"],
-        "image_bytes": _as_binary(table[image_column]),
+        "image_bytes": images,
         "label": _labels(table[label_column] if label_column else None, n),
+        "error": pa.array(errors, type=pa.string()),
     }
     columns.update(native)
     return pa.table(columns)
@@ -499,25 +662,32 @@ def _normalise_webdataset(table: pa.Table, root: str, label_column: str | None) 
                 labels[i] = _parse_label(value)
     shard_names = _relative_array(table["__url__"], root)
     wds_keys = table["__key__"].to_pylist()
+    read_errors = table["__error__"].to_pylist() if "__error__" in table.column_names else [None] * n
+    errors = [e if isinstance(e, str) and e else None for e in read_errors]  # pandas may hand NaN for None
     return pa.table({
         "key": pa.array([f"{s}/{k}" for s, k in zip(shard_names, wds_keys, strict=True)], type=pa.string()),
         "shard": pc.cast(table["__url__"], pa.string()),
         "image_bytes": pa.array(image_values, type=pa.binary()),
         "label": pa.array(labels, type=pa.int64()),
+        "error": pa.array(errors, type=pa.string()),
         WDS_ID_COLUMN: _wds_sample_ids(table),
         "__key__": pc.cast(table["__key__"], pa.string()),
     })
 
 
-def _normalise_imagefolder(table: pa.Table, root: str, classes: list[str]) -> pa.Table:
+def _normalise_imagefolder(table: pa.Table, root: str, classes: list[str],
+                           max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> pa.Table:
     class_index = {c: i for i, c in enumerate(classes)}
     relative = _relative_array(table["path"], root)
     labels = [class_index.get(r.split("/", 1)[0], -1) if "/" in r else -1 for r in relative]
+    errors: list[str | None] = [None] * table.num_rows
+    images = _cap_images(_as_binary(table["bytes"]), errors, max_image_bytes)
     return pa.table({
         "key": pa.array(relative, type=pa.string()),
         "shard": table["path"],
-        "image_bytes": _as_binary(table["bytes"]),
+        "image_bytes": images,
         "label": pa.array(labels, type=pa.int64()),
+        "error": pa.array(errors, type=pa.string()),
         "path": table["path"],
     })
 
