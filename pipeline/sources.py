@@ -482,10 +482,15 @@ def _finish(sample: dict) -> dict:
     return sample
 
 
+def _rows_table(rows: list[dict]) -> pa.Table:
+    # every member any sample has, null where a sample lacks it (pandas would say NaN, from_pylist drop it)
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.table({k: [r.get(k) for r in rows] for k in names})
+
+
 def _webdataset_datasource() -> type:
     """Ray's WebDataset datasource (listing, file metadata, task splitting) with :func:`_wds_samples` as the tar
     reader; built lazily so importing this module does not import Ray's internals."""
-    import pandas as pd
     from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
 
     class TolerantWebDatasetDatasource(WebDatasetDatasource):
@@ -493,15 +498,15 @@ def _webdataset_datasource() -> type:
             super().__init__(paths, **kwargs)
             self.max_member_bytes = max_member_bytes
 
-        def _read_stream(self, stream: object, path: str) -> Iterator[pd.DataFrame]:
+        def _read_stream(self, stream: object, path: str) -> Iterator[pa.Table]:
             rows: list[dict] = []
             for sample in _wds_samples(stream, path, self.max_member_bytes):
                 rows.append(sample)
                 if len(rows) >= _WDS_READ_ROWS:
-                    yield pd.DataFrame.from_records(rows)
+                    yield _rows_table(rows)
                     rows = []
             if rows:
-                yield pd.DataFrame.from_records(rows)
+                yield _rows_table(rows)
 
     return TolerantWebDatasetDatasource
 
