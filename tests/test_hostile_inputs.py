@@ -370,3 +370,25 @@ def test_onnx_probe(victim_onnx, tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(BlackBoxUnavailable):
         open_blackbox(f"onnx:{bad}", SPEC).probe()
+
+
+@pytest.mark.parametrize("key_type", [pa.string(), pa.int64()])
+def test_null_keys_through_a_job_and_its_resume(ray_local, tmp_path, key_type):
+    """The whole job: null-key rows are error rows; a rerun finds them done (a data error, not a transient one),
+    so the output holds every row exactly once after both runs."""
+    from pipeline.job import run_sanitize
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    _parquet_with_null_keys(src / "s.parquet", key_type)
+    cfg = load_config(overrides=[f"source.uri={src}", f"output.uri={out}", "source.key_column=id",
+                                 "purify.method=none", "resources.query_batch_size=8"])
+    first = run_sanitize(cfg)
+    second = run_sanitize(cfg)
+    table = pq.ParquetDataset(str(out)).read()
+    keys = table["key"].to_pylist()
+    assert first.rows_this_run == 5 and second.rows_this_run == 0, (first, second)
+    assert len(keys) == len(set(keys)) == 5
+    errors = [e for e in table["error"].to_pylist() if e is not None]
+    assert errors == ["missing key (column 'id' is null)"] * 2
+    assert table["id"].null_count == 0
