@@ -392,3 +392,26 @@ def test_null_keys_through_a_job_and_its_resume(ray_local, tmp_path, key_type):
     errors = [e for e in table["error"].to_pylist() if e is not None]
     assert errors == ["missing key (column 'id' is null)"] * 2
     assert table["id"].null_count == 0
+
+
+def test_sagemaker_probe_and_response_cap() -> None:
+    """SageMaker through botocore's Stubber (the AWS API is stubbed, our client is not)."""
+    import boto3
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    rt = boto3.client("sagemaker-runtime", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    bb = open_blackbox("sagemaker:ep", SPEC, client=rt, max_response_bytes=1000, **_quick())
+    ok = v2_answer([2], [1], "INT64")
+    big = v2_answer([2] * 300, [300], "INT64")
+    with Stubber(rt) as stub:
+        stub.add_client_error("invoke_endpoint", "UnrecognizedClientException", "The security token is invalid", 403)
+        stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(ok), len(ok))})
+        stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(big), len(big))})
+        with pytest.raises(BlackBoxUnavailable, match=r"refused the AWS credentials .*\(http 403\)"):
+            bb.probe()
+        bb.probe()
+        pred = bb.predict(_images(1))
+        stub.assert_no_pending_responses()
+    assert pred.errors == ["bad response: response larger than 1000 bytes"]
+    assert bb.stats()["rows"] == 1, "probes are not queries"
