@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -153,6 +154,21 @@ def test_webdataset_shard_with_non_contiguous_members_gives_error_rows(ray_local
     assert len({r["sample_id"] for r in rows}) == 5, "resume ids stay unique"
 
 
+def test_webdataset_shard_cut_short_ends_with_an_error_row(ray_local, tmp_path):
+    png = _png(Image.fromarray(np.full((28, 28), 7, np.uint8)))
+    root = tmp_path / "wds"
+    root.mkdir()
+    _tar(root / "whole.tar", [("a.png", png)])
+    _tar(tmp_path / "full.tar", [("b.png", png), ("c.png", png * 20)])
+    data = (tmp_path / "full.tar").read_bytes()
+    padded = -(-len(png) // 512) * 512
+    (root / "short.tar").write_bytes(data[: 512 + padded + 512 + 200])  # c's data stops after 200 bytes
+    rows = {r["key"]: r["error"] for r in _rows(read_source(SourceSpec(uri=str(root), format="webdataset")))}
+    assert rows.pop("whole.tar/a") is None and rows.pop("short.tar/b") is None
+    assert rows == {"short.tar/c": "shard unreadable after 2 samples (ReadError)",
+                    "short.tar/~unreadable": "shard unreadable after 2 samples (ReadError)"}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. Every size and time the input controls is bounded before the work.
 
@@ -285,6 +301,17 @@ def test_token_echoed_at_the_cut_is_redacted_whole(crafted_v2_server, monkeypatc
     assert err.startswith("http 403") and "***" in err
     for piece in (TOKEN[:6], TOKEN[-6:], TOKEN[5:11]):
         assert piece not in err, err
+
+
+def test_token_echoed_escaped_is_redacted_too(crafted_v2_server, monkeypatch):
+    token = 'tok/with"quote+plus'
+    monkeypatch.setenv("BB_TOKEN", token)
+    # json.dumps escapes the quote; the query-string form is percent-encoded
+    echo = json.dumps({"error": f"json {token} url {quote(token, safe='')}"})
+    srv = crafted_v2_server(lambda i, n, h: send_raw(h, 401, echo.encode()))
+    with open_blackbox(srv.url, SPEC, auth_env="BB_TOKEN", **_quick()) as bb:
+        err = bb.predict(_images(1)).errors[0]
+    assert "with" not in err and "quote" not in err and err.count("***") == 2, err
 
 
 @pytest.mark.parametrize("value", [TOKEN + "\r", "\n" + TOKEN, TOKEN[:8] + "\r\nX-Evil: 1" + TOKEN[8:], " " + TOKEN])

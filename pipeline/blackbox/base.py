@@ -7,6 +7,7 @@ count failures as wrong answers instead of silently dropping rows.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from urllib.parse import quote
 
 import numpy as np
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
@@ -438,8 +440,10 @@ class Redactor:
     """Removes secret values from any text before it reaches an error string or a log line."""
 
     def __init__(self, secrets: Sequence[str]) -> None:
-        # longest first so a secret that contains another is removed whole
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        # as sent, and as a server may echo it back: JSON-escaped or percent-encoded; longest first, so a secret
+        # that contains another is removed whole
+        forms = {f for s in secrets if s for f in (s, json.dumps(s)[1:-1], quote(s, safe=""))}
+        self._secrets = sorted(forms, key=len, reverse=True)
 
     @property
     def secrets(self) -> tuple[str, ...]:

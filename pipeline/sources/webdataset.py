@@ -121,12 +121,15 @@ def _wds_samples(stream: object, url: str, max_member_bytes: int) -> Iterator[di
                     current["__error__"] = current["__error__"] or f"duplicate member {suffix} in the sample"
                     continue
                 current[suffix] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        if current is not None:
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        # the bytes are wrong (truncated, corrupt); an I/O error (OSError) propagates for Ray to retry the read
+        reason = f"shard unreadable after {sum(seen.values())} samples ({type(e).__name__})"
+        if current is not None:  # the sample being read when the bytes ran out is incomplete
+            current["__error__"] = current["__error__"] or reason
             yield _finish(current)
             current = None
-        yield {"__key__": "~unreadable", "__url__": url,
-               "__error__": f"shard unreadable after {sum(seen.values())} samples ({type(e).__name__})"}
+        # and whatever followed it is lost: one row says so
+        yield {"__key__": "~unreadable", "__url__": url, "__error__": reason}
     if current is not None:
         yield _finish(current)
 
