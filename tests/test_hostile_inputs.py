@@ -442,3 +442,16 @@ def test_sagemaker_probe_and_response_cap() -> None:
         stub.assert_no_pending_responses()
     assert pred.errors == ["bad response: response larger than 1000 bytes"]
     assert bb.stats()["rows"] == 1, "probes are not queries"
+
+
+def test_imagefolder_file_past_the_bound_is_not_read_whole(ray_local, tmp_path):
+    root = tmp_path / "folder" / "cat"
+    root.mkdir(parents=True)
+    ok = _png(Image.fromarray(np.zeros((28, 28), np.uint8)))
+    (root / "ok.png").write_bytes(ok)
+    (root / "huge.png").write_bytes(ok + b"\0" * (3 << 20))
+    rows = {r["key"]: r for r in _rows(read_source(SourceSpec(uri=str(tmp_path / "folder"), format="imagefolder",
+                                                              max_image_bytes=1 << 20)))}
+    assert rows["cat/ok.png"]["error"] is None and rows["cat/ok.png"]["image_bytes"] == ok
+    assert rows["cat/huge.png"]["error"] == f"image too large (file past {1 << 20} bytes)"
+    assert rows["cat/huge.png"]["image_bytes"] is None and rows["cat/huge.png"]["label"] == 0
