@@ -158,7 +158,8 @@ class V2BlackBox(RemoteBlackBox):
         for url, what in ((f"{self.base_url}/v2/health/ready", "server"),
                           (f"{self.base_url}/v2/models/{self.model_name}/ready", f"model {self.model_name!r}")):
             try:
-                r = self._client.get(url, timeout=self.check_timeout_s)
+                with deadline(self.check_timeout_s):  # a trickled ready answer must not hold the preflight
+                    r = self._client.get(url, timeout=self.check_timeout_s)
             except httpx.TimeoutException:
                 raise BlackBoxUnavailable(f"{where}: no answer within {self.check_timeout_s}s ({what} ready check)"
                                           ) from None
