@@ -20,6 +20,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Upper bounds: far above any real job, low enough that a typo (an extra zero or three) is refused at load instead
+# of asking the cluster for 100,000 actors or the black box for million-pixel inputs.
+MAX_ACTORS = 4096
+MAX_BATCH = 65_536
+MAX_IMAGE_SIDE = 4096
+MAX_SECONDS = 3600.0  # one request, one timeout: an hour is already no timeout at all
+MAX_CPUS = 1024.0
+MAX_BUDGET = 10**12
+
+
 class SourceConfig(_Section):
     uri: str = "out/demo/shards"
     format: Literal["parquet", "webdataset", "imagefolder"] = "parquet"
@@ -27,9 +37,9 @@ class SourceConfig(_Section):
     key_column: str = "key"
     label_column: str = "label"
     endpoint_url: str | None = None  # S3-compatible store; else env S3_ENDPOINT_URL / AWS chain
-    limit: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(default=None, ge=1, le=10**12)
     decode_policy: Literal["resize", "pad", "reject"] = "resize"
-    max_image_bytes: int = Field(default=20_000_000, ge=1)
+    max_image_bytes: int = Field(default=20_000_000, ge=1, le=1 << 30)
 
 
 class ModelConfig(_Section):
@@ -40,54 +50,57 @@ class ModelConfig(_Section):
 
 class PurifyConfig(_Section):
     method: Literal["none", "sdedit", "zip", "sampdetox", "repair", "guided", "cascade"] = "cascade"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     # Method-specific knobs, passed to the purifier's constructor and validated there (see pipeline/purify/).
     params: dict[str, Any] = Field(default_factory=dict)
 
 
 class BlackBoxConfig(_Section):
     uri: str = "onnx:models/victims/badnets.onnx"
-    size: int = Field(default=28, ge=1)
+    size: int = Field(default=28, ge=1, le=MAX_IMAGE_SIDE)
     channels: Literal[1, 3] = 1
     scale: Literal["unit", "signed", "uint8"] = "unit"
     input_name: str = "input-0"
     datatype: str = "FP32"
-    max_batch_size: int = Field(default=256, ge=1)
-    max_concurrency: int = Field(default=4, ge=1)
-    timeout_s: float = Field(default=30.0, gt=0)
-    retries: int = Field(default=4, ge=0)
-    rate_limit_qps: float | None = None
-    query_budget: int | None = None
+    max_batch_size: int = Field(default=256, ge=1, le=MAX_BATCH)
+    max_concurrency: int = Field(default=4, ge=1, le=256)
+    timeout_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
+    retries: int = Field(default=4, ge=0, le=20)
+    # None: no limit. Zero is refused rather than read as "no limit": it looks like "send nothing".
+    rate_limit_qps: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False)
+    query_budget: int | None = Field(default=None, ge=0, le=MAX_BUDGET)
     auth_env: str | None = None  # name of the env var holding a bearer token (never the token itself)
     header_env: dict[str, str] = Field(default_factory=dict)
-    class_names: list[str] | None = None  # for reports; index = label
+    class_names: list[str] | None = Field(default=None, max_length=100_001)  # for reports; index = label
 
 
 class ResourcesConfig(_Section):
     # The purify pool: one diffusion model per actor (and per GPU), whatever the method; a vote runs inside it.
-    purify_actors: int = Field(default=1, ge=1)  # initial/min size of the pool: must fit, or preflight fails
-    max_purify_actors: int | None = None  # autoscaling upper bound (default = purify_actors)
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    purify_batch_size: int = Field(default=64, ge=1)
+    purify_actors: int = Field(default=1, ge=1, le=MAX_ACTORS)  # initial/min size: must fit, or preflight fails
+    # autoscaling upper bound (default = purify_actors)
+    max_purify_actors: int | None = Field(default=None, ge=1, le=MAX_ACTORS)
+    # None: 1 when the cluster has GPUs, else 0
+    gpus_per_actor: float | None = Field(default=None, ge=0, le=16, allow_inf_nan=False)
+    purify_batch_size: int = Field(default=64, ge=1, le=MAX_BATCH)
     # The black-box service: actors that own the client, shared by every purifier. The query budget, rate limit
     # and concurrency of `blackbox` are totals over all of them.
-    query_actors: int = Field(default=1, ge=1)
-    query_batch_size: int = Field(default=256, ge=1)
-    decode_batch_size: int = Field(default=256, ge=1)
+    query_actors: int = Field(default=1, ge=1, le=MAX_ACTORS)
+    query_batch_size: int = Field(default=256, ge=1, le=MAX_BATCH)
+    decode_batch_size: int = Field(default=256, ge=1, le=MAX_BATCH)
     # Logical CPUs per actor/task. Zero by default for CPU purifiers: Ray Data's own listing, reading and
     # checkpoint-filter operators take 1 CPU each, and on a 2-CPU machine any more for ours deadlocks the plan.
     # CPU purification still uses the cores (torch_threads); on GPU nodes the GPU is what gets reserved.
-    purify_cpus: float | None = Field(default=None, ge=0)  # None: 1 with a GPU, else 0
+    purify_cpus: float | None = Field(default=None, ge=0, le=MAX_CPUS, allow_inf_nan=False)  # None: 1 with a GPU
     # Zero by default, like the CPU purifiers (see above); with zero, the service is placed on the node with the
     # most CPUs, never on a head started with 0 CPUs to keep work off it.
-    query_cpus: float = Field(default=0.0, ge=0)
+    query_cpus: float = Field(default=0.0, ge=0, le=MAX_CPUS, allow_inf_nan=False)
+    decode_cpus: float = Field(default=0.25, gt=0, le=MAX_CPUS, allow_inf_nan=False)
     # How long preflight waits for an autoscaler to add the nodes a plan needs; 0: fail at once (no autoscaler).
-    wait_for_nodes_s: float = Field(default=0.0, ge=0)
-    decode_cpus: float = Field(default=0.25, gt=0)
+    wait_for_nodes_s: float = Field(default=0.0, ge=0, le=3600, allow_inf_nan=False)
     # Blocks of at most this size stream through the plan: the unit of progress, of resume and of output files.
     # Ray's default (128 MiB) would hold ~80k small images in one block, written only when the block is done.
-    max_block_kib: int = Field(default=4096, ge=16)
-    torch_threads: int | None = Field(default=None, ge=1)  # CPU purification threads; None: all cores
+    max_block_kib: int = Field(default=4096, ge=16, le=1 << 20)
+    torch_threads: int | None = Field(default=None, ge=1, le=4096)  # CPU purification threads; None: all cores
 
 
 class OutputConfig(_Section):
@@ -102,7 +115,7 @@ class AuditConfig(_Section):
     previous: str | None = None  # an earlier report.json (local or s3://) for the trend
     publish_latest: str | None = None  # also write report.json here, to be the next run's `previous`
     thresholds: dict[str, float] = Field(default_factory=dict)  # see pipeline.audit.report.THRESHOLD_KEYS
-    sample: int | None = Field(default=None, ge=1)  # audit the first N images of the source
+    sample: int | None = Field(default=None, ge=1, le=10**9)  # audit the first N images of the source
 
 
 class JobConfig(_Section):

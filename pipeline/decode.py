@@ -13,16 +13,30 @@ import warnings
 from collections.abc import Iterable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 POLICIES = ("resize", "pad", "reject")
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 # Also bounded by PIL's own Image.MAX_IMAGE_PIXELS (its DecompressionBombWarning is turned into an error row here);
 # we do not lower or raise that process-wide setting, which other code in the worker may rely on.
 DEFAULT_MAX_PIXELS = 8192 * 8192
+# Memory one decode may take, estimated from the header before any pixel is decoded: width x height x (bytes per
+# pixel of the decoded mode + WORK_BYTES_PER_PIXEL for the conversion copies). A pixel count alone lets a 124 KB
+# 16-bit PNG or a 372 KB int32 TIFF cost over a GiB; several decodes run per CPU. 128 MiB still admits a
+# 4096 x 4096 RGB photo.
+DEFAULT_MAX_DECODED_BYTES = 128 * 1024 * 1024
+WORK_BYTES_PER_PIXEL = 4
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+               "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}
 # Formats PIL may try: the common image formats only, so odd bytes never reach rarely exercised decoders.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """Estimated peak bytes of decoding and converting an image of this header: see DEFAULT_MAX_DECODED_BYTES."""
+    per_pixel = 2 if mode.startswith("I;16") else _MODE_BYTES.get(mode, 4)
+    return width * height * (per_pixel + WORK_BYTES_PER_PIXEL)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -34,8 +48,12 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     elif img.mode == "I" and arr.size and int(arr.max()) <= 255 and int(arr.min()) >= 0:
         out = arr.astype(np.uint8)  # an 8-bit image stored as 32-bit ints (some TIFFs): already in range
     else:
-        wide = np.clip(arr.astype(np.int64), 0, 65535)
-        out = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # 65535 -> 255, rounded
+        # uint32 in place, not an int64 copy: one 4-byte working copy per pixel, as decoded_bytes assumes
+        wide = np.clip(arr, 0, 65535).astype(np.uint32)
+        wide *= 255
+        wide += 32767
+        wide //= 65535
+        out = wide.astype(np.uint8)  # 65535 -> 255, rounded
     return Image.fromarray(out, "L")
 
 
@@ -69,8 +87,10 @@ def decode_image(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> tuple[np.ndarray | None, str | None]:
-    """One image: ``(uint8 (C, size, size), None)`` or ``(None, short reason)``."""
+    """One image: ``(uint8 (C, size, size), None)`` or ``(None, short reason)``. The EXIF orientation is applied,
+    so a photo stored sideways is purified and queried upright."""
     if data is None:
         return None, "missing image"
     n = len(data)
@@ -92,7 +112,13 @@ def decode_image(
             if policy == "resize" and img.format == "JPEG" and (w > 2 * size or h > 2 * size):
                 # Decode at 1/2..1/8 scale (still >= size): the exact resize below does the rest.
                 img.draft("L" if channels == 1 else "RGB", (size, size))
+            cost = decoded_bytes(*img.size, img.mode)
+            if cost > max_decoded_bytes:
+                # from the header alone, before load(): the bound holds for any format and bit depth
+                return None, f"image too large ({w}x{h} {img.mode}: ~{cost >> 20} MiB to decode)"
             img.load()
+            # in place: without an orientation tag this costs nothing (the copying form copies every image)
+            ImageOps.exif_transpose(img, in_place=True)
             img = _convert(img, channels)
             if policy == "resize" and img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
@@ -124,6 +150,7 @@ def decode_batch(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     input_column: str = "image_bytes",
     keep_bytes: bool = False,
 ) -> dict[str, np.ndarray]:
@@ -148,7 +175,8 @@ def decode_batch(
         if previous is not None and previous[i] is not None:
             errors[i] = previous[i]
             continue
-        arr, err = decode_image(data, size, channels, policy, max_bytes=max_bytes, max_pixels=max_pixels)
+        arr, err = decode_image(data, size, channels, policy, max_bytes=max_bytes, max_pixels=max_pixels,
+                                max_decoded_bytes=max_decoded_bytes)
         if err is None:
             images[i] = arr
         errors[i] = err

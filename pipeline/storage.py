@@ -13,6 +13,7 @@ filesystem object also keeps them out of every pickle Ray ships to its workers, 
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from urllib.parse import urlparse
@@ -37,8 +38,29 @@ _NETWORK_MARKERS = (
 )
 
 
+# "scheme://user:password@host" anywhere in a text: the user-info part is what must never be shown.
+# The password may hold "/" (AWS secret keys do), so after a ":" anything but space runs to the "@".
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@:]*(?::[^\s@]*)?@")
+
+
+def redact_userinfo(text: str) -> str:
+    """``s3://KEY:SECRET@bucket`` -> ``s3://***@bucket``, in any text (URIs, SDK error messages)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 class StorageError(RuntimeError):
-    """A source or destination cannot be used; the message says which and why (never with credentials)."""
+    """A source or destination cannot be used; the message says which and why (never with credentials: any
+    ``scheme://user:password@`` in it is masked, whoever built the message)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_userinfo(str(message)))
+
+
+def _refuse_userinfo(uri: str, what: str) -> None:
+    if "://" in uri and _USERINFO.match(uri):
+        # the message must not echo the URI: it holds the credential
+        raise StorageError(f"credentials inside the {what} are not supported (the value is not shown): use the "
+                           "AWS credential chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or a role)")
 
 
 def _endpoint_from_env() -> str | None:
@@ -52,7 +74,10 @@ def _endpoint_from_env() -> str | None:
 def _split_endpoint(endpoint_url: str) -> tuple[str, str]:
     """'http://host:9000' -> ('host:9000', 'http'); a bare 'host:9000' is taken as https, the AWS default."""
     if "://" not in endpoint_url:
+        if "@" in endpoint_url:
+            _refuse_userinfo(f"https://{endpoint_url}", "endpoint URL")
         return endpoint_url.rstrip("/"), "https"
+    _refuse_userinfo(endpoint_url, "endpoint URL")
     parsed = urlparse(endpoint_url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise StorageError(f"S3 endpoint must look like http(s)://host[:port], got {endpoint_url!r}")
@@ -69,6 +94,7 @@ def uri_path(uri_or_path: str) -> str:
     a local path -> its absolute form."""
     if not uri_or_path:
         raise StorageError("empty path or URI")
+    _refuse_userinfo(uri_or_path, "storage URI")
     parsed = urlparse(uri_or_path)
     scheme = parsed.scheme.lower()
     if _is_local(scheme):
@@ -131,10 +157,10 @@ def describe(fs: pafs.FileSystem, path: str) -> str:
                 endpoint = f" at {options.get('scheme') or 'https'}://{options['endpoint_override']}"
         except Exception:  # noqa: BLE001 - only cosmetic; pyarrow may change its pickle layout
             pass
-        return f"s3://{path}{endpoint}"
+        return redact_userinfo(f"s3://{path}{endpoint}")
     if fs.type_name == "local":
         return path
-    return f"{fs.type_name}://{path}"
+    return redact_userinfo(f"{fs.type_name}://{path}")
 
 
 def _classify(err: BaseException) -> str:

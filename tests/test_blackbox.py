@@ -140,14 +140,14 @@ def test_spec_scales_and_uri_errors() -> None:
 
 def test_parse_output_conventions() -> None:
     logits = np.array([[1.0, 3.0, 2.0], [0.0, -1.0, 5.0]])
-    labels, scores = parse_output(logits, 2)
-    assert list(labels) == [1, 2] and np.allclose(scores.sum(1), 1)
+    pred = parse_output(logits, 2)
+    assert list(pred.labels) == [1, 2] and np.allclose(pred.scores.sum(1), 1) and pred.errors == [None, None]
     probs = np.array([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
-    labels, scores = parse_output(probs, 2)
-    assert list(labels) == [1, 2] and np.allclose(scores, probs), "a distribution is kept as is"
-    assert list(parse_output(np.array([3, 1]), 2)[0]) == [3, 1]
-    labels, scores = parse_output(np.array([[4.0], [7.0]]), 2)
-    assert list(labels) == [4, 7] and scores is None
+    pred = parse_output(probs, 2)
+    assert list(pred.labels) == [1, 2] and np.allclose(pred.scores, probs), "a distribution is kept as is"
+    assert list(parse_output(np.array([3, 1]), 2).labels) == [3, 1]
+    pred = parse_output(np.array([[4.0], [7.0]]), 2)
+    assert list(pred.labels) == [4, 7] and pred.scores is None
     for bad in (np.array([0.5, 1.2]), np.zeros((3, 3)), np.zeros((2, 2, 2))):
         with pytest.raises(ValueError):
             parse_output(bad, 2)

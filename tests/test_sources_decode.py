@@ -460,3 +460,31 @@ def test_output_batch_schema(batch, keep_orig):
         assert row["flagged"] == expect_flag
         assert row["score_orig"] is None or not bad
         assert row["__key__"] == batch["__key__"][i]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_a_job_lists_the_source_once(ray_local, tmp_path, monkeypatch, fmt):
+    """The job's calls (inspect, resume config, duplicate keys, read) share one listing per spec; a new spec lists
+    again, so a rerun sees new shards. Counted with a spy around the real listing."""
+    import pipeline.sources.base as base
+    from pipeline.sources import duplicate_keys, source_format
+
+    fs = pafs.LocalFileSystem()
+    shards = make_fmnist_shards(fs, str(tmp_path / "src"), 2, 3, fmt)
+    calls: list[str] = []
+    real = base.list_shards
+
+    def spy(spec, fs=None):
+        calls.append(spec.uri)
+        return real(spec, fs)
+
+    monkeypatch.setattr(source_format(SourceSpec(uri="x", format=fmt)), "list_shards", spy)
+    spec = SourceSpec(uri=shards.uri, format=fmt)
+    info = inspect_source(spec, fs)
+    checkpoint_config(spec, str(tmp_path / "ckpt"))
+    duplicate_keys(spec, fs)
+    assert len(read_source(spec, fs).take_all()) == 6
+    assert len(calls) == 1 and info.id_column == id_column(spec)
+    make_fmnist_shards(fs, str(tmp_path / "src" / "more"), 1, 3, fmt)
+    assert len(read_source(SourceSpec(uri=shards.uri, format=fmt), fs).take_all()) == 9
+    assert len(calls) == 2

@@ -1,7 +1,8 @@
 """Black-box classifiers: a local ONNX file, an Open Inference Protocol v2 endpoint, or a SageMaker endpoint.
 
     bb = open_blackbox("v2+http://127.0.0.1:8080/models/victim", InputSpec(), auth_env="BB_TOKEN")
-    bb.check()                      # fail fast before a job
+    bb.check()                      # fail fast before a job: reachable and ready
+    bb.probe()                      # one 1-image query with the real credentials, outside the budget
     pred = bb.predict(images_u8)    # labels (-1 on failure), scores or None, per-row errors
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from .base import (
     BUDGET_EXHAUSTED,
+    MAX_LABEL,
     BlackBox,
     BlackBoxUnavailable,
     InputSpec,
@@ -18,7 +20,7 @@ from .base import (
 )
 
 __all__ = [
-    "BUDGET_EXHAUSTED", "BlackBox", "BlackBoxUnavailable", "InputSpec", "Prediction", "open_blackbox",
+    "BUDGET_EXHAUSTED", "MAX_LABEL", "BlackBox", "BlackBoxUnavailable", "InputSpec", "Prediction", "open_blackbox",
     "parse_output", "to_model_input",
 ]
 

@@ -7,6 +7,7 @@ count failures as wrong answers instead of silently dropping rows.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from urllib.parse import quote
 
 import numpy as np
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
@@ -33,6 +35,14 @@ V2_DTYPES: dict[str, np.dtype] = {
     "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
 }
 BUDGET_EXHAUSTED = "query budget exhausted"
+# Largest response body a remote client reads (counted after gzip/deflate inflation): a 256-row batch of scores
+# over 1,000 classes is about 5 MB of JSON; past this the answer is a bomb, not a prediction.
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+# Label ids an answer may carry without scores: later code allocates by the largest label (vote tallies), so an id
+# a hostile or broken endpoint makes up must never reach it. The largest public label sets stay far below this.
+MAX_LABEL = 100_000
+# Longest error text kept on a row; cut only after redaction, so a secret near the cut cannot survive in part.
+MAX_ERROR_CHARS = 300
 
 
 class BlackBoxUnavailable(RuntimeError):
@@ -87,7 +97,23 @@ class Prediction:
         errors = [e for p in parts for e in p.errors]
         retryable = np.concatenate([p.retryable for p in parts]).astype(bool)
         return cls(labels, _merge_scores([p.scores for p in parts], [len(p.labels) for p in parts]), errors,
-                   retryable)
+                   retryable).consistent()
+
+    def consistent(self) -> Prediction:
+        """Every answered label indexes the scores: where one request answered scores and another bare labels
+        (a model swap or a mixed deployment behind one URL), a bare label outside the K score columns fails its
+        row instead of reaching code that reads ``scores[row, label]``. Failed rows keep label -1."""
+        failed = self.failed
+        k = self.scores.shape[1] if self.scores is not None else MAX_LABEL + 1
+        bad = ~failed & ((self.labels < 0) | (self.labels >= k))
+        if bad.any():
+            for i in np.flatnonzero(bad):
+                self.errors[i] = (f"bad response: label {int(self.labels[i])} outside the {k} classes of the "
+                                  "other answers")
+            self.labels = np.where(bad, -1, self.labels)
+            self.retryable = self.retryable | bad  # the endpoint's answer, not the row's data
+        self.labels = np.where(self.failed, -1, self.labels).astype(np.int64)
+        return self
 
 
 def _merge_scores(scores: Sequence[np.ndarray | None], lengths: Sequence[int]) -> np.ndarray | None:
@@ -136,29 +162,37 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def parse_output(out: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Model output -> (labels int64 (n,), scores float32 (n, K) or None). Raises ValueError if uninterpretable.
+def parse_output(out: np.ndarray, n: int) -> Prediction:
+    """Model output -> Prediction (labels int64 (n,), scores float32 (n, K) or None, per-row errors).
 
     (n, K>1): logits or probabilities (kept if rows already are a distribution, else softmaxed), label = argmax.
-    (n,) or (n, 1) with integer values: labels directly.
+    (n,) or (n, 1) with integer values: labels directly; a label outside [0, MAX_LABEL] fails its row (retryable:
+    it is the endpoint's answer, not the row's data). Raises ValueError if the output as a whole is uninterpretable.
     """
     out = np.asarray(out)
     if out.ndim == 0 or out.shape[0] != n:
         raise ValueError(f"output has shape {out.shape}, expected a first dimension of {n}")
     if out.ndim == 2 and out.shape[1] > 1:
+        if out.shape[1] > MAX_LABEL + 1:
+            raise ValueError(f"output has {out.shape[1]} score columns, more than {MAX_LABEL + 1} classes")
         x = out.astype(np.float64)
         if not np.all(np.isfinite(x)):
             raise ValueError("output contains NaN or inf")
         is_dist = bool(np.all(x >= 0) and np.all(x <= 1) and np.allclose(x.sum(axis=1), 1.0, atol=1e-3))
         probs = x if is_dist else _softmax(x)
-        return np.argmax(x, axis=1).astype(np.int64), probs.astype(np.float32)
+        return Prediction(np.argmax(x, axis=1).astype(np.int64), probs.astype(np.float32), [None] * n)
     if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
         flat = out.reshape(n)
-        if flat.dtype.kind in "iub":
-            return flat.astype(np.int64), None
         if flat.dtype.kind == "f" and np.all(np.isfinite(flat)) and np.allclose(flat, np.round(flat)):
-            return np.round(flat).astype(np.int64), None
-        raise ValueError(f"output of shape {out.shape} is not integer labels")
+            flat = np.round(flat)
+        elif flat.dtype.kind not in "iub":
+            raise ValueError(f"output of shape {out.shape} is not integer labels")
+        # compared before the int64 cast: a uint64 or float id past 2**63 must not wrap into range
+        bad = (flat < 0) | (flat > MAX_LABEL)
+        labels = np.where(bad, -1, flat).astype(np.int64)
+        errors = [f"bad response: label {v} outside [0, {MAX_LABEL}]" if b else None
+                  for v, b in zip(flat.tolist(), bad.tolist(), strict=True)]
+        return Prediction(labels, None, errors)
     raise ValueError(f"cannot interpret output of shape {out.shape} (want (N, K) scores or (N,) labels)")
 
 
@@ -220,6 +254,12 @@ class BlackBox(ABC):
     @abstractmethod
     def check(self) -> None:
         """Raise BlackBoxUnavailable with a clear message if the model is not reachable / ready."""
+
+    @abstractmethod
+    def probe(self) -> None:
+        """Prove the model answers: one 1-image request at the spec's size, through the same path and credentials
+        as every query, not counted against the query budget or in stats. Raises BlackBoxUnavailable with a
+        secret-free reason (e.g. the HTTP status of a refused token) when the answer is not a usable prediction."""
 
     @abstractmethod
     def stats(self) -> dict:
@@ -298,7 +338,12 @@ class BudgetedBlackBox(BlackBox):
         if allowed < n:
             self._stats.add(budget_rejected=n - allowed, failures=n - allowed)
             parts.append(budget_refusal(n - allowed))
-        return Prediction.concat(parts)
+        failed_before = sum(int(p.failed.sum()) for p in parts)
+        pred = Prediction.concat(parts)
+        newly = int(pred.failed.sum()) - failed_before  # rows whose label did not fit the other chunks' scores
+        if newly:
+            self._stats.add(ok=-newly, failures=newly)
+        return pred
 
     def stats(self) -> dict:
         d = self._stats.snapshot()
@@ -317,12 +362,19 @@ class RetryableError(Exception):
 
 class FatalError(Exception):
     """A failure retrying now cannot fix (4xx, undecodable response): the rows fail at once. ``retryable`` says
-    whether a later run may still succeed (False only where the black box refused the row's own data)."""
+    whether a later run may still succeed (False only where the black box refused the row's own data);
+    ``status`` is the HTTP status when there was one."""
 
-    def __init__(self, reason: str, retryable: bool = True) -> None:
+    def __init__(self, reason: str, retryable: bool = True, status: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+        self.status = status
+
+
+def redact_cut(text: str, redact: Callable[[str], str], limit: int = MAX_ERROR_CHARS) -> str:
+    """Redact, then cut: cutting first can split a secret so that the redactor no longer sees it whole."""
+    return redact(text)[:limit]
 
 
 def parse_retry_after(value: str | None, cap_s: float) -> float | None:
@@ -374,6 +426,11 @@ def headers_from_env(auth_env: str | None, header_env: Mapping[str, str] | None)
         value = os.environ.get(env)
         if not value:
             raise ValueError(f"environment variable {env} (for header {header}) is not set")
+        if value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            # a pasted token with a trailing newline or a stray \r: HTTP libraries echo such a header back in their
+            # error, and the redactor looks for the exact value, so refuse it here naming the variable only
+            raise ValueError(f"environment variable {env} (for header {header}) holds whitespace or control "
+                             "characters; strip them from the secret")
         headers[header] = f"Bearer {value}" if bearer else value
         secrets.append(value)
     return headers, secrets
@@ -383,8 +440,14 @@ class Redactor:
     """Removes secret values from any text before it reaches an error string or a log line."""
 
     def __init__(self, secrets: Sequence[str]) -> None:
-        # longest first so a secret that contains another is removed whole
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        # as sent, and as a server may echo it back: JSON-escaped or percent-encoded; longest first, so a secret
+        # that contains another is removed whole
+        forms = {f for s in secrets if s for f in (s, json.dumps(s)[1:-1], quote(s, safe=""))}
+        self._secrets = sorted(forms, key=len, reverse=True)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(self._secrets)
 
     def __call__(self, text: str) -> str:
         for s in self._secrets:
@@ -400,9 +463,15 @@ class RemoteBlackBox(BudgetedBlackBox):
                  timeout_s: float = 30.0, retries: int = 4, backoff_s: float = 0.25, max_backoff_s: float = 20.0,
                  max_retry_after_s: float = 60.0, rate_limit_qps: float | None = None,
                  query_budget: int | None = None, secrets: Sequence[str] = (),
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        if max_batch_size < 1 or max_concurrency < 1 or retries < 0 or timeout_s <= 0:
-            raise ValueError("max_batch_size and max_concurrency must be >= 1, retries >= 0, timeout_s > 0")
+        if max_batch_size < 1 or max_concurrency < 1 or retries < 0 or not 0 < timeout_s < math.inf:
+            raise ValueError("max_batch_size and max_concurrency must be >= 1, retries >= 0, timeout_s finite > 0")
+        if rate_limit_qps is not None and not 0 < rate_limit_qps < math.inf:
+            raise ValueError("rate_limit_qps must be finite and > 0, or None for no limit")
+        if max_response_bytes < 1:
+            raise ValueError("max_response_bytes must be >= 1")
+        self.max_response_bytes = int(max_response_bytes)
         self.spec = spec or InputSpec()
         self.max_batch_size = int(max_batch_size)
         self.max_concurrency = int(max_concurrency)
@@ -412,7 +481,7 @@ class RemoteBlackBox(BudgetedBlackBox):
         self.max_backoff_s = float(max_backoff_s)
         self.max_retry_after_s = float(max_retry_after_s)
         super().__init__(query_budget)
-        self._rate = RateLimiter(rate_limit_qps) if rate_limit_qps else None
+        self._rate = RateLimiter(rate_limit_qps) if rate_limit_qps is not None else None
         self._redact = Redactor(secrets)
         self._sleep = sleep
         self._pool: ThreadPoolExecutor | None = None
@@ -427,6 +496,32 @@ class RemoteBlackBox(BudgetedBlackBox):
     @abstractmethod
     def _target(self) -> str:
         """A secret-free description of where queries go, for messages."""
+
+    def _credentials(self) -> str:
+        """Where the credentials come from, for the probe's refusal message (names, never values)."""
+        return "the configured credentials"
+
+    def probe(self) -> None:
+        x = to_model_input(np.zeros((1, self.spec.channels, self.spec.size, self.spec.size), np.uint8), self.spec)
+        retrying = Retrying(stop=stop_after_attempt(self.retries + 1), wait=self._wait,
+                            retry=retry_if_exception_type(RetryableError), sleep=self._sleep, reraise=True)
+        where = self._target()
+        try:
+            pred = parse_output(retrying(self._send, x, "probe"), 1)
+        except RetryableError as e:
+            raise BlackBoxUnavailable(f"{where}: /infer probe failed: {redact_cut(e.reason, self._redact)}"
+                                      ) from None
+        except FatalError as e:
+            if e.status in (401, 403):
+                raise BlackBoxUnavailable(f"{where}: the endpoint refused {self._credentials()} (http {e.status})"
+                                          ) from None
+            raise BlackBoxUnavailable(f"{where}: /infer probe failed: {redact_cut(e.reason, self._redact)}"
+                                      ) from None
+        except ValueError as e:
+            raise BlackBoxUnavailable(f"{where}: /infer answered something unreadable: "
+                                      f"{redact_cut(str(e), self._redact)}") from None
+        if pred.errors[0] is not None:
+            raise BlackBoxUnavailable(f"{where}: /infer answered something unusable: {pred.errors[0]}")
 
     # -- the rows within the budget: chunks, in parallel up to max_concurrency ------------------------------------
     def _predict_allowed(self, images: np.ndarray) -> list[Prediction]:
@@ -494,7 +589,7 @@ class RemoteBlackBox(BudgetedBlackBox):
         retryable = True
         try:
             out = retrying(self._attempt, x, self._next_id())
-            labels, scores = parse_output(out, n)
+            pred = parse_output(out, n)
         except RetryableError as e:
             tries = self.retries + 1
             error = f"{e.reason} after {tries} {'try' if tries == 1 else 'tries'}"
@@ -505,8 +600,9 @@ class RemoteBlackBox(BudgetedBlackBox):
         except Exception as e:  # noqa: BLE001 - a client bug must not kill a long job; the row records it
             error = f"client error: {type(e).__name__}: {e}"
         else:
-            self._stats.add(ok=n)
-            return Prediction(labels, scores, [None] * n)
-        error = self._redact(error)[:300]
+            failed = int(pred.failed.sum())
+            self._stats.add(ok=n - failed, failures=failed)
+            return pred
+        error = redact_cut(error, self._redact)
         self._stats.add(failures=n)
         return Prediction(np.full(n, -1, np.int64), None, [error] * n, np.full(n, retryable))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import (
+    MAX_ERROR_CHARS,
     BlackBoxUnavailable,
     BudgetedBlackBox,
     InputSpec,
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # Options of the remote clients that mean nothing for a local file: accepted so that one config can point at either.
 REMOTE_ONLY = frozenset({"max_concurrency", "timeout_s", "retries", "backoff_s", "max_backoff_s", "max_retry_after_s",
-                         "rate_limit_qps", "auth_env", "header_env", "verify", "check_timeout_s"})
+                         "rate_limit_qps", "auth_env", "header_env", "verify", "check_timeout_s",
+                         "max_response_bytes"})
 
 
 class OnnxBlackBox(BudgetedBlackBox):
@@ -80,6 +82,16 @@ class OnnxBlackBox(BudgetedBlackBox):
     def check(self) -> None:
         self._load()
 
+    def probe(self) -> None:
+        sess = self._load()
+        x = to_model_input(np.zeros((1, self.spec.channels, self.spec.size, self.spec.size), np.uint8), self.spec)
+        try:
+            pred = parse_output(sess.run(None, {self._input_name: x})[0], 1)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own non-public exception types
+            raise BlackBoxUnavailable(f"{self.path}: one-image probe failed: {str(e)[:MAX_ERROR_CHARS]}") from None
+        if pred.errors[0] is not None:
+            raise BlackBoxUnavailable(f"{self.path}: one-image probe answered something unusable: {pred.errors[0]}")
+
     def _predict_allowed(self, images: np.ndarray) -> list[Prediction]:
         n = len(images)
         try:
@@ -95,13 +107,15 @@ class OnnxBlackBox(BudgetedBlackBox):
             t0 = time.perf_counter()
             try:
                 out = sess.run(None, {self._input_name: x})[0]
-                labels, scores = parse_output(out, m)
+                pred = parse_output(out, m)
             except Exception as e:  # noqa: BLE001 - per-request failure: record it on the rows, keep going
                 self._stats.add(failures=m)
-                parts.append(Prediction(np.full(m, -1, np.int64), None, [f"onnxruntime: {str(e)[:200]}"] * m))
+                parts.append(Prediction(np.full(m, -1, np.int64), None,
+                                        [f"onnxruntime: {str(e)}"[:MAX_ERROR_CHARS]] * m))
             else:
-                self._stats.add(ok=m)
-                parts.append(Prediction(labels, scores, [None] * m))
+                failed = int(pred.failed.sum())
+                self._stats.add(ok=m - failed, failures=failed)
+                parts.append(pred)
             finally:
                 self._stats.latency((time.perf_counter() - t0) * 1000.0)
         return parts

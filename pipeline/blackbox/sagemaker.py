@@ -59,6 +59,9 @@ class SageMakerBlackBox(RemoteBlackBox):
     def _target(self) -> str:
         return f"sagemaker:{self.endpoint}"
 
+    def _credentials(self) -> str:
+        return "the AWS credentials of this process (AWS_ACCESS_KEY_ID / AWS_PROFILE / role)"
+
     def _send(self, x: np.ndarray, request_id: str) -> np.ndarray:
         from botocore.exceptions import (
             ClientError,
@@ -72,7 +75,8 @@ class SageMakerBlackBox(RemoteBlackBox):
         try:
             resp = self.client.invoke_endpoint(EndpointName=self.endpoint, ContentType="application/json",
                                                Accept="application/json", Body=body, **self._extra)
-            raw = resp["Body"].read()
+            # one byte past the cap tells a bomb from an answer without holding the bomb
+            raw = resp["Body"].read(self.max_response_bytes + 1)
         except (ReadTimeoutError, ConnectTimeoutError) as e:
             raise RetryableError("timeout") from e
         except EndpointConnectionError as e:
@@ -87,8 +91,11 @@ class SageMakerBlackBox(RemoteBlackBox):
             reason = f"sagemaker {code} (http {status})"
             if code in _RETRY_CODES or status in RETRY_STATUS:
                 raise RetryableError(reason) from e
-            raise FatalError(f"{reason}: {str(err.get('Message', ''))[:200]}",
-                             retryable=status not in DATA_STATUS) from e
+            # not cut here: the engine redacts first, then cuts
+            raise FatalError(f"{reason}: {err.get('Message', '')}", retryable=status not in DATA_STATUS,
+                             status=status or None) from e
+        if len(raw) > self.max_response_bytes:
+            raise FatalError(f"bad response: response larger than {self.max_response_bytes} bytes")
         try:
             return decode_v2_response(json.loads(raw))
         except json.JSONDecodeError as e:

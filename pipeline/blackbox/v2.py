@@ -23,10 +23,13 @@ from .base import (
     headers_from_env,
     parse_retry_after,
 )
+from .httpio import ACCEPT_ENCODING, ResponseTooLarge, deadline, deadline_transport, read_capped
 
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # The endpoint refused the request's content: asking again with the same image will not help.
 DATA_STATUS = frozenset({400, 413, 415, 422})
+# How much of an error body is read for its message.
+_ERROR_BODY_BYTES = 4096
 _NP_TO_V2 = {v: k for k, v in V2_DTYPES.items()}
 
 
@@ -45,7 +48,8 @@ def decode_v2_response(body: object) -> np.ndarray:
     outputs = body.get("outputs")
     if not outputs or not isinstance(outputs, list) or not isinstance(outputs[0], dict):
         err = body.get("error")
-        raise ValueError(f"no outputs in response{f' (error: {str(err)[:200]})' if err else ''}")
+        # not cut here: the caller redacts first, then cuts
+        raise ValueError(f"no outputs in response{f' (error: {err})' if err else ''}")
     first = outputs[0]
     shape, data, datatype = first.get("shape"), first.get("data"), first.get("datatype", "FP32")
     if shape is None or data is None:
@@ -92,24 +96,37 @@ class V2BlackBox(RemoteBlackBox):
         base, name = parse_v2_uri(uri)
         headers, secrets = headers_from_env(auth_env, header_env)
         super().__init__(spec, secrets=secrets, **options)
+        self._credential_envs = ([auth_env] if auth_env else []) + list((header_env or {}).values())
         self.base_url = base
         self.model_name = name
         self.check_timeout_s = check_timeout_s
         self._infer_url = f"{base}/v2/models/{name}/infer"
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         self._client = httpx.Client(
-            headers={"Content-Type": "application/json", **headers}, verify=verify,
-            timeout=httpx.Timeout(self.timeout_s),
-            limits=httpx.Limits(max_connections=self.max_concurrency,
-                                max_keepalive_connections=self.max_concurrency),
+            headers={"Content-Type": "application/json", "Accept-Encoding": ACCEPT_ENCODING, **headers},
+            timeout=httpx.Timeout(self.timeout_s), transport=deadline_transport(verify, limits),
         )
 
     def _target(self) -> str:
         return f"{_public_url(self.base_url)}/v2/models/{self.model_name}"
 
+    def _credentials(self) -> str:
+        envs = ", ".join(f"${e}" for e in self._credential_envs)
+        return f"the credentials in {envs}" if envs else "the request (no credentials configured: auth_env?)"
+
     def _send(self, x: np.ndarray, request_id: str) -> np.ndarray:
         body = json.dumps(encode_v2_request(x, self.spec, request_id)).encode()
         try:
-            r = self._client.post(self._infer_url, content=body)
+            # timeout_s is the whole request's deadline (connect, send, headers and body), not a per-read timeout
+            with deadline(self.timeout_s), self._client.stream("POST", self._infer_url, content=body) as r:
+                if r.status_code in RETRY_STATUS:
+                    raise RetryableError(f"http {r.status_code}",
+                                         parse_retry_after(r.headers.get("Retry-After"), self.max_retry_after_s))
+                if r.status_code != 200:
+                    text = self._error_text(r)
+                    raise FatalError(f"http {r.status_code}: {self._redact(text)}",
+                                     retryable=r.status_code not in DATA_STATUS, status=r.status_code)
+                raw = read_capped(r.iter_raw(), r.headers.get("Content-Encoding"), self.max_response_bytes)
         except httpx.TimeoutException as e:
             raise RetryableError("timeout") from e
         except httpx.ConnectError as e:
@@ -117,25 +134,32 @@ class V2BlackBox(RemoteBlackBox):
         except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
             # a reset or a dropped connection mid-request: the server may be restarting, worth another try
             raise RetryableError("connection reset") from e
-        if r.status_code in RETRY_STATUS:
-            raise RetryableError(f"http {r.status_code}",
-                                 parse_retry_after(r.headers.get("Retry-After"), self.max_retry_after_s))
-        if r.status_code != 200:
-            raise FatalError(f"http {r.status_code}: {self._redact(r.text[:200])}",
-                             retryable=r.status_code not in DATA_STATUS)
+        except ResponseTooLarge as e:
+            raise FatalError(f"bad response: {e}") from e
+        except ValueError as e:  # an encoding we do not inflate, or a corrupt one
+            raise FatalError(f"bad response: {e}") from e
         try:
-            return decode_v2_response(r.json())
-        except json.JSONDecodeError as e:
+            return decode_v2_response(json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FatalError("bad response: body is not JSON") from e
         except ValueError as e:
             raise FatalError(f"bad response: {e}") from e
+
+    def _error_text(self, r: httpx.Response) -> str:
+        """The start of an error body, for the row's reason; never more than a few KiB read."""
+        try:
+            raw = read_capped(r.iter_raw(), r.headers.get("Content-Encoding"), _ERROR_BODY_BYTES, truncate=True)
+        except ValueError:
+            return "(unreadable body)"
+        return raw.decode("utf-8", "replace")
 
     def check(self) -> None:
         where = self._target()
         for url, what in ((f"{self.base_url}/v2/health/ready", "server"),
                           (f"{self.base_url}/v2/models/{self.model_name}/ready", f"model {self.model_name!r}")):
             try:
-                r = self._client.get(url, timeout=self.check_timeout_s)
+                with deadline(self.check_timeout_s):  # a trickled ready answer must not hold the preflight
+                    r = self._client.get(url, timeout=self.check_timeout_s)
             except httpx.TimeoutException:
                 raise BlackBoxUnavailable(f"{where}: no answer within {self.check_timeout_s}s ({what} ready check)"
                                           ) from None

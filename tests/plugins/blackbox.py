@@ -13,6 +13,9 @@ Fixtures
   ``.headers_seen`` (headers of the last infer request).
 - ``slow_v2_server`` (factory): ``slow_v2_server(delay_s=1.0)`` -> a ``V2TestServer`` that answers every infer
   request correctly but only after ``delay_s``.
+- ``crafted_v2_server`` (factory): ``crafted_v2_server(respond, require_headers=None)`` -> a ``CraftedV2Server``
+  whose i-th infer request is answered by ``respond(i, n_rows, handler)`` (write with ``send_raw``, build v2
+  bodies with ``v2_answer``): huge or negative labels, bombs, trickled bodies, echoed secrets.
 All factory-made servers stop at the end of the test.
 """
 
@@ -297,3 +300,90 @@ def slow_v2_server(victim_onnx: Path) -> Iterator[Callable[..., V2TestServer]]:
     inner = next(gen)
     yield make
     next(gen, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A crafted endpoint: every infer answer is written by the test, byte for byte (hostile and broken servers).
+
+
+def send_raw(handler: BaseHTTPRequestHandler, code: int, body: bytes | Sequence[tuple[bytes, float]],
+             headers: Mapping[str, str] | None = None) -> None:
+    """Answer with ``body``, or with (chunk, delay before it) pieces for a server that trickles its answer."""
+    pieces = [(body, 0.0)] if isinstance(body, bytes) else list(body)
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(sum(len(c) for c, _ in pieces)))
+    for k, v in (headers or {}).items():
+        handler.send_header(k, v)
+    handler.end_headers()
+    try:
+        for chunk, delay in pieces:
+            time.sleep(delay)
+            handler.wfile.write(chunk)
+            handler.wfile.flush()
+    except OSError:
+        handler.close_connection = True  # the client gave up
+
+
+def v2_answer(data: object, shape: Sequence[int], datatype: str = "FP32") -> bytes:
+    return json.dumps({"model_name": "victim",
+                       "outputs": [{"name": "out", "shape": list(shape), "datatype": datatype,
+                                    "data": np.asarray(data).ravel().tolist()}]}).encode()
+
+
+class CraftedV2Server:
+    """Ready checks answer 200; the i-th infer request is answered by ``respond(i, n_rows, handler)``."""
+
+    def __init__(self, respond: Callable[[int, int, BaseHTTPRequestHandler], None], model_name: str = "victim",
+                 require_headers: Mapping[str, str] | None = None) -> None:
+        server = self
+        self.respond, self.model_name = respond, model_name
+        self.require_headers = dict(require_headers or {})
+        self.requests = 0
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                send_raw(self, 200, b'{"ready": true}')
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                for k, v in server.require_headers.items():
+                    if self.headers.get(k) != v:
+                        send_raw(self, 401, b'{"error": "unauthorized"}')
+                        return
+                with server._lock:
+                    i = server.requests
+                    server.requests += 1
+                server.respond(i, int(body["inputs"][0]["shape"][0]), self)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False
+        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self.url = f"v2+{self.base_url}/models/{model_name}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def crafted_v2_server() -> Iterator[Callable[..., CraftedV2Server]]:
+    """``crafted_v2_server(respond, require_headers=None)`` -> a CraftedV2Server, stopped after the test."""
+    made: list[CraftedV2Server] = []
+
+    def make(respond: Callable[[int, int, BaseHTTPRequestHandler], None], **kw: object) -> CraftedV2Server:
+        srv = CraftedV2Server(respond, **kw)
+        made.append(srv)
+        return srv
+
+    yield make
+    for s in made:
+        s.close()

@@ -1,0 +1,183 @@
+"""What every source format shares: the spec, what inspection learns, shard listing, and per-block helpers.
+
+A format is one module of this package with the :class:`SourceFormat` functions; ``pipeline.sources`` picks it by
+``SourceSpec.format``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from pipeline.storage import StorageError, check_readable, describe, resolve_filesystem, uri_path
+
+if TYPE_CHECKING:
+    import ray.data
+
+FORMATS = ("parquet", "webdataset", "imagefolder")
+
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
+_SHARD_EXTENSIONS = {"parquet": ("parquet",), "webdataset": ("tar",), "imagefolder": IMAGE_EXTENSIONS}
+
+
+# Largest encoded image (Parquet cell, tar member, image file) passed on from the read: bigger ones become error
+# rows there, and tar members are not even read. The same order as decode's own byte limit.
+DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
+
+NORMALISED_COLUMNS = ("key", "shard", "image_bytes", "label", "error")
+WDS_ID_COLUMN = "sample_id"
+
+
+class SourceError(StorageError):
+    """The source exists but cannot be used as configured (no shards, wrong columns, unreadable first shard)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the images are and how to read them.
+
+    ``uri``: a directory (scanned recursively for shards) or one shard, local or ``s3://bucket/prefix``.
+    ``format``: ``parquet`` | ``webdataset`` | ``imagefolder``.
+    ``image_column`` / ``key_column`` / ``label_column``: Parquet column names (``label_column`` also names the
+    WebDataset label member besides ``cls``); key and label columns are optional in the data, ``None`` ignores them.
+    ``endpoint_url``: S3-compatible endpoint (else env ``S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``).
+    ``limit``: read at most this many rows (applied after the read, so with a resumed job it counts new rows).
+    """
+
+    uri: str
+    format: str = "parquet"
+    image_column: str = "image"
+    key_column: str | None = "key"
+    label_column: str | None = "label"
+    endpoint_url: str | None = None
+    limit: int | None = None
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    # What inspect_source learned, kept on this spec object: one job makes one spec and inspects once, however many
+    # of read_source / id_column / checkpoint_config / duplicate_keys it calls. A new spec inspects again.
+    _inspected: list = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown source format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
+
+
+@dataclass
+class SourceInfo:
+    """What validation learned about a source; everything read_source needs besides the filesystem."""
+
+    root: str
+    shards: list[str] = field(default_factory=list)
+    has_key: bool = False
+    has_label: bool = False
+    classes: list[str] = field(default_factory=list)
+    id_column: str | None = None
+
+
+class SourceFormat(Protocol):
+    """One source format: what its module provides."""
+
+    def inspect(self, spec: SourceSpec, fs: pafs.FileSystem, root: str) -> SourceInfo:
+        """Validate access and layout before any Ray work (StorageError / SourceError naming the file)."""
+
+    def reader(self, spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo
+               ) -> tuple[ray.data.Dataset, Callable[..., pa.Table], dict[str, Any]]:
+        """Ray's reader for the source, and the per-block normaliser (with its keyword arguments) that turns its
+        blocks into the normalised columns; it runs fused into the read tasks."""
+
+
+def _filesystem(spec: SourceSpec, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    if fs is None:
+        return resolve_filesystem(spec.uri, spec.endpoint_url)
+    # The caller's filesystem wins; only the path is taken from the URI (no second client is built).
+    return fs, uri_path(spec.uri)
+
+
+def _skipped(relative: str) -> bool:
+    # Same convention as Ray's directory expansion, applied to every path component so that checkpoint or
+    # temporary folders (_checkpoint/, .cache/) inside a source tree are never read as shards.
+    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+
+
+def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
+    return path.lower().rsplit(".", 1)[-1] in extensions if "." in posixpath.basename(path) else False
+
+
+def list_shards(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> list[str]:
+    """Sorted shard paths of a source (image files for ``imagefolder``); raises SourceError when there are none.
+
+    Access problems (missing bucket or path, credentials, endpoint) raise StorageError from the access check.
+    """
+    fs, root = _filesystem(spec, fs)
+    info = check_readable(fs, root)
+    extensions = _SHARD_EXTENSIONS[spec.format]
+    if info.type == pafs.FileType.File:
+        if spec.format == "imagefolder":
+            raise SourceError(f"imagefolder source must be a directory, got the file {describe(fs, root)}")
+        return [root]
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as e:
+        raise StorageError(f"cannot list {describe(fs, root)}: {e}") from e
+    prefix = root.rstrip("/") + "/"
+    shards = sorted(
+        i.path for i in infos
+        if i.type == pafs.FileType.File
+        and _has_extension(i.path, extensions)
+        and not _skipped(i.path[len(prefix):] if i.path.startswith(prefix) else posixpath.basename(i.path))
+    )
+    if not shards:
+        raise SourceError(
+            f"no {spec.format} shards (*.{' / *.'.join(extensions)}) under {describe(fs, root)}"
+        )
+    return shards
+
+
+# --- per-block helpers (run in Ray workers; plain functions so they pickle) ----------------------------------------
+
+def _relative(path: str, root: str) -> str:
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+
+
+def _relative_array(paths: pa.Array | pa.ChunkedArray, root: str) -> list[str]:
+    # Blocks usually hold one or a few shards: compute each distinct name once.
+    values = paths.to_pylist()
+    names = {p: _relative(p, root) for p in set(values)}
+    return [names[p] for p in values]
+
+
+def _labels(column: pa.ChunkedArray | pa.Array | None, n: int) -> pa.Array:
+    if column is None:
+        return pa.array(np.full(n, -1, dtype=np.int64))
+    return pc.fill_null(pc.cast(column, pa.int64()), -1)
+
+
+def _as_binary(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column if column.type == pa.binary() else pc.cast(column, pa.binary())
+
+
+def _cap_images(images: pa.Array, errors: list[str | None], cap: int) -> pa.Array:
+    """Cells past ``cap`` bytes -> null image and an ``image too large`` reason; the bytes go no further."""
+    lengths = pc.binary_length(images).to_numpy(zero_copy_only=False)
+    big = np.nan_to_num(lengths.astype(np.float64), nan=0.0) > cap
+    if not big.any():
+        return images
+    for i in np.flatnonzero(big).tolist():
+        errors[i] = errors[i] or f"image too large ({int(lengths[i])} bytes > {cap})"
+    return pc.if_else(pa.array(big), pa.nulls(len(images), images.type), images)

@@ -1,0 +1,188 @@
+"""Parquet shards: one binary image column, optional key and label columns, read by Ray's Parquet reader.
+
+Keys: the key column when the files have one (a null key becomes a ``missing key`` error row with a stand-in id),
+else ``{shard}:{row_index}`` recovered from Ray's row hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.sources.base import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    SourceError,
+    SourceInfo,
+    SourceSpec,
+    _as_binary,
+    _cap_images,
+    _labels,
+    _relative_array,
+    list_shards,
+)
+from pipeline.storage import describe
+
+if TYPE_CHECKING:
+    import ray.data
+
+# Row hashes that decode to a row index beyond this mean Ray changed its hash; keys then fall back to the hash.
+_MAX_PLAUSIBLE_ROW = 1 << 40
+
+
+def inspect(spec: SourceSpec, fs: pafs.FileSystem, root: str) -> SourceInfo:
+    """Access, shards, and the first shard's schema: image, key and label columns and their types."""
+    info = SourceInfo(root=root, shards=list_shards(spec, fs))
+    first = info.shards[0]
+    try:
+        schema = pq.read_schema(first, filesystem=fs)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot read the Parquet schema of {describe(fs, first)}: {e}") from e
+    names = schema.names
+    if spec.image_column not in names:
+        raise SourceError(
+            f"image column {spec.image_column!r} not found in {describe(fs, first)} (columns: {', '.join(names)})"
+        )
+    image_type = schema.field(spec.image_column).type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
+            or pa.types.is_binary_view(image_type)):
+        raise SourceError(
+            f"image column {spec.image_column!r} in {describe(fs, first)} has type {image_type}; expected binary "
+            "(encoded PNG/JPEG/WebP bytes)"
+        )
+    if spec.label_column and spec.label_column in names:
+        label_type = schema.field(spec.label_column).type
+        if not pa.types.is_integer(label_type):
+            raise SourceError(
+                f"label column {spec.label_column!r} in {describe(fs, first)} has type {label_type}; expected "
+                "integers (set label_column to another name or None to ignore it)"
+            )
+        info.has_label = True
+    if spec.key_column and spec.key_column in names:
+        key_type = schema.field(spec.key_column).type
+        if spec.key_column == "key" and not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
+            # The resume filter compares the reader's ids with the written ones, so the native column must keep
+            # its type; a non-string column called "key" would collide with the normalised string key.
+            raise SourceError(
+                f"key column 'key' in {describe(fs, first)} has type {key_type}; a column named 'key' must hold "
+                "strings (rename it, or set key_column to None to use file:row keys)"
+            )
+        if not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type) or pa.types.is_integer(key_type)):
+            # a null key gets a stand-in id of the column's own type (see _fill_missing_keys): text or integers
+            raise SourceError(
+                f"key column {spec.key_column!r} in {describe(fs, first)} has type {key_type}; a key column must "
+                "hold strings or integers (or set key_column to None to use file:row keys)"
+            )
+        info.has_key = True
+        info.id_column = spec.key_column
+    else:
+        info.id_column = "row_hash"
+    return info
+
+
+def reader(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo
+           ) -> tuple[ray.data.Dataset, Callable[..., pa.Table], dict[str, Any]]:
+    import ray.data
+
+    # At least one read task per shard: Ray would pack small shards into one task and so one block, and then
+    # the whole dataset moves through purify and lands in the output as a single late write.
+    # The row hash also with a key column: it names a row whose key is null (see _fill_missing_keys).
+    ds = ray.data.read_parquet(info.shards, filesystem=fs, include_paths=True, include_row_hash=True,
+                               override_num_blocks=len(info.shards))
+    columns = [spec.image_column, "path"]
+    columns += [spec.key_column, "row_hash"] if info.has_key else ["row_hash"]
+    columns += [spec.label_column] if info.has_label else []
+    # Projection is pushed into the reader: other (maybe large) columns are never fetched.
+    ds = ds.select_columns(columns)
+    return ds, _normalise_parquet, {
+        "root": info.root, "image_column": spec.image_column,
+        "key_column": spec.key_column if info.has_key else None,
+        "label_column": spec.label_column if info.has_label else None, "max_image_bytes": spec.max_image_bytes,
+    }
+
+
+# --- per-block normalisation (runs in Ray workers) ------------------------------------------------------------------
+
+def _row_index(paths: list[str], row_hash: np.ndarray) -> np.ndarray:
+    """Invert Ray's ``row_hash`` (md5(path) seed + row position, through the splitmix64 finaliser) to the row's
+    position in its file, so that keyless Parquet rows get readable ``file:row`` keys. Any inverse of a bijection
+    keeps distinct hashes distinct, so keys stay unique even if Ray ever changes the formula."""
+    x = row_hash.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= (x >> np.uint64(31)) ^ (x >> np.uint64(62))
+        x *= np.uint64(0x319642B2D24D8EC3)
+        x ^= (x >> np.uint64(27)) ^ (x >> np.uint64(54))
+        x *= np.uint64(0x96DE1B173F119089)
+        x ^= (x >> np.uint64(30)) ^ (x >> np.uint64(60))
+        seeds: dict[str, np.uint64] = {}
+        for p in set(paths):
+            seeds[p] = np.uint64(int.from_bytes(hashlib.md5(p.encode("utf-8")).digest()[:8], "little"))
+        x -= np.array([seeds[p] for p in paths], dtype=np.uint64)
+    return x
+
+
+def _fill_missing_keys(
+    keys: pa.ChunkedArray | pa.Array, paths: pa.ChunkedArray | pa.Array, row_hash: pa.ChunkedArray | pa.Array
+) -> tuple[pa.Array, np.ndarray]:
+    """A null Parquet key -> a stand-in of the column's type, the same in the reader's checkpoint filter and in the
+    normaliser: ``{shard path}:{row}`` for text, a negative id drawn from Ray's row hash for integers (real keys
+    are rarely negative 62-bit numbers). Returns the filled column and where it was null."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    if pa.types.is_integer(keys.type):
+        keys = keys.cast(pa.int64())  # one type in every block, whether or not it had a null to fill
+    missing = keys.is_null().to_numpy(zero_copy_only=False)
+    if not missing.any():
+        return keys, missing
+    hashes = np.asarray(row_hash.to_numpy(), dtype=np.uint64)
+    if pa.types.is_integer(keys.type):
+        stand_in = -(hashes & np.uint64((1 << 62) - 1)).astype(np.int64) - 1
+        values = np.where(missing, stand_in, keys.fill_null(0).to_numpy())
+        return pa.array(values, type=pa.int64()), missing
+    path_list = paths.to_pylist()
+    rows = _row_index(path_list, hashes)
+    values = keys.to_pylist()
+    for i in np.flatnonzero(missing).tolist():
+        row = int(rows[i])
+        values[i] = f"{path_list[i]}:{row}" if row < _MAX_PLAUSIBLE_ROW else f"{path_list[i]}:h{int(hashes[i]):016x}"
+    return pa.array(values, type=keys.type), missing
+
+
+def _normalise_parquet(
+    table: pa.Table, root: str, image_column: str, key_column: str | None, label_column: str | None,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+) -> pa.Table:
+    n = table.num_rows
+    paths = table["path"].to_pylist()
+    names = _relative_array(table["path"], root)
+    errors: list[str | None] = [None] * n
+    if key_column is not None:
+        native_values, missing = _fill_missing_keys(table[key_column], table["path"], table["row_hash"])
+        for i in np.flatnonzero(missing).tolist():
+            errors[i] = f"missing key (column {key_column!r} is null)"
+        keys = pc.cast(native_values, pa.string())
+        native = [(key_column, native_values)] if key_column != "key" else []
+    else:
+        hashes = table["row_hash"].to_numpy()
+        rows = _row_index(paths, hashes)
+        keys = pa.array([
+            f"{name}:{row}" if row < _MAX_PLAUSIBLE_ROW else f"{name}:h{h:016x}"
+            for name, row, h in zip(names, rows.tolist(), hashes.tolist(), strict=True)
+        ], type=pa.string())
+        native = [("row_hash", table["row_hash"])]
+    images = _cap_images(_as_binary(table[image_column]), errors, max_image_bytes)
+    columns = {
+        "key": keys,
+        "shard": table["path"],
+        "image_bytes": images,
+        "label": _labels(table[label_column] if label_column else None, n),
+        "error": pa.array(errors, type=pa.string()),
+    }
+    columns.update(native)
+    return pa.table(columns)
