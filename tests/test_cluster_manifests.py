@@ -634,8 +634,9 @@ elif args[:2] == ["get", "rayjob"] and "jsonpath={{.status.jobDeploymentStatus}}
     polls = state / "polls"
     n = int(polls.read_text()) if polls.exists() else 0
     polls.write_text(str(n + 1))
-    if n > 20:
-        sys.exit("polled 20 times: the scheduler does not stop waiting")
+    if n > 20:  # the scheduler would wait forever: record it and end the scheduler's shell
+        (state / "stuck").write_text("polled 20 times")
+        os.kill(os.getppid(), 9)
     print(["", "Initializing", "Running"][n] if n < 3 else os.environ["FAKE_DEPLOYMENT"], end="")
 elif args[:2] == ["get", "rayjob"] and "jsonpath={{.status.jobStatus}}" in args:
     print(os.environ["FAKE_JOB_STATUS"], end="")
@@ -684,6 +685,7 @@ def test_audit_scheduler_script(
     }
     env["BBPURIFY_IMAGE"] = "registry.example.com/team/bbpurify:1.2.3"
     proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert not (tmp_path / "stuck").exists(), "the scheduler kept waiting on a RayJob that will not change"
     assert (proc.returncode != 0) == bool(rc), proc.stdout + proc.stderr
     created = tmp_path / "created.yaml"
     assert created.exists() == creates, proc.stdout + proc.stderr
@@ -708,6 +710,15 @@ def _kustomize(directory: Path) -> list[dict]:
     out = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@needs_kubectl
+def test_shipped_kustomization_overrides_every_image() -> None:
+    docs = _kustomize(CLUSTER)
+    text = yaml.safe_dump_all(docs)
+    assert IMAGE_PLACEHOLDER not in text, "an image the kustomization's `images:` does not reach"
+    (new,) = yaml.safe_load(KUSTOMIZATION.read_text())["images"]
+    assert f"{new['newName']}:{new['newTag']}" in text
 
 
 @needs_kubectl
