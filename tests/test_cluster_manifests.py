@@ -21,10 +21,12 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -945,22 +947,30 @@ def test_cluster_extra_is_ray_default_at_the_pinned_version() -> None:
 
 
 @pytest.mark.skipif(not RAY_DEFAULT, reason='ray[default] not installed (pip install -e ".[cluster]")')
-def test_ray_job_submit_to_a_running_cluster(tmp_path: Path) -> None:
+def test_ray_job_submit_to_a_running_cluster() -> None:
     """The launcher / RayCluster path: `ray job submit` from this install runs a pipeline command on a cluster.
 
     The cluster is this test's own (a driver process holding a local Ray with its dashboard), stopped with it."""
     port = "8299"
+    temp = tempfile.mkdtemp(prefix="bbp-ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    # The job's `python` is this interpreter, as on a cluster node where the project is installed.
+    env = {**os.environ, "RAY_ADDRESS": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           # Ray 2.60 turns token auth on for a local cluster; this test's own token, never ~/.ray/auth_token.
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import ray, sys, time; ray.init(num_cpus=1, include_dashboard=True, "
          f"dashboard_port={port}, _temp_dir=sys.argv[1]); print('up', flush=True); time.sleep(900)",
-         str(tmp_path / "ray")], stdout=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+         temp], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "up"
-        sub = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
+        # `ray job submit`, as the `ray` console script runs it.
+        sub = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
                               f"http://127.0.0.1:{port}", "--", "python", "-m", "pipeline", "--help"],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, env=env)
         assert sub.returncode == 0, sub.stdout[-2000:] + sub.stderr[-2000:]
         assert "sanitize" in sub.stdout and "succeeded" in sub.stdout
     finally:
         holder.send_signal(signal.SIGINT)  # the driver's atexit shuts down the Ray it started, nothing else
         holder.wait(timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
