@@ -119,3 +119,21 @@ def test_template_ships_in_the_wheel(tmp_path: Path) -> None:
                     str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("bbpurify-*.whl")
     assert "pipeline/audit/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_previous_report_on_s3(s3_server, s3_bucket: str, tmp_path: Path) -> None:
+    """The scheduled audit's `previous`: absent on the first run (no trend), refused when broken, read when valid."""
+    from pipeline.audit.run import read_previous
+
+    uri = f"s3://{s3_bucket}/audits/latest/report.json"
+    assert read_previous(uri, s3_server.endpoint_url) is None
+    fs = s3_server.filesystem()
+    with fs.open_output_stream(f"{s3_bucket}/audits/latest/report.json") as f:
+        f.write(b'{"version": 1, "rows": ')
+    with pytest.raises(AuditError, match="cannot use the previous report"):
+        read_previous(uri, s3_server.endpoint_url)
+    table = pa.table({"key": ["a", "b"], "shard": ["s", "s"], "pred_orig": [0, 1], "pred_purified": [0, 0]})
+    report = build_report(table, tmp_path)
+    with fs.open_output_stream(f"{s3_bucket}/audits/latest/report.json") as f:
+        f.write((tmp_path / "report.json").read_bytes())
+    assert read_previous(uri, s3_server.endpoint_url)["generated_at"] == report["generated_at"]

@@ -95,7 +95,7 @@ def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | No
         cfg.source.limit = sample
     out_uri = _local_abs(cfg.output.uri)
     prev_uri = previous or a.previous
-    prev = read_previous(prev_uri, cfg.output.endpoint_url) if prev_uri else None
+    prev = read_previous(_local_abs(prev_uri), cfg.output.endpoint_url) if prev_uri else None
     local = Path(report_dir) if report_dir else Path("out/audit-report")
     existing = [local / n for n in REPORT_FILES if (local / n).exists()]
     if existing and not overwrite:
@@ -112,10 +112,9 @@ def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | No
         _write(remote, cfg.output.endpoint_url, files)
     if a.publish_latest:
         # The one file an audit overwrites on purpose: the user named it as the next run's `previous`.
-        fs, path = resolve_filesystem(a.publish_latest, cfg.output.endpoint_url)
-        parent = path.rsplit("/", 1)[0] if "/" in path else ""
-        if parent:
-            fs.create_dir(parent, recursive=True)
+        fs, path = resolve_filesystem(_local_abs(a.publish_latest), cfg.output.endpoint_url)
+        if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders to create
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         with fs.open_output_stream(path) as f:
             f.write(files["report.json"])
     top = report["most_replaced"][0] if report["most_replaced"] else None
