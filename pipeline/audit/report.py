@@ -5,8 +5,9 @@ A backdoor target class shows up as a class that purified images *leave*: poison
 target before purification (the trigger works) and as their true class after it (the trigger is gone). So the
 headline per-class number is the replaced rate: of the rows with pred_orig == c, the share with pred_purified != c.
 
-Pure pyarrow + numpy + matplotlib (Agg, through `Figure` so no pyplot global state); no Ray, so the CLI's audit verb
-can run it on a laptop against the Parquet the cluster wrote.
+Pure pyarrow + numpy + matplotlib (Agg, through `Figure` so no pyplot global state) + Jinja2 (the page is
+`templates/report.html.j2`, autoescaped); no Ray, so the CLI's audit verb can run it on a laptop against the Parquet
+the cluster wrote.
 """
 
 from __future__ import annotations
