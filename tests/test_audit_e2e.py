@@ -11,24 +11,33 @@ CHEAP = ["purify.method=sdedit", "purify.params={t_start: 250, steps: 4}", "reso
 
 
 def test_audit_flags_the_backdoor_target_and_exits_nonzero_on_threshold(ray_local, tmp_path, capsys):
+    """Run the way the scheduled cluster audit runs: thresholds, `previous` and `publish_latest` naming the same
+    file (absent on the first run: no trend), a fresh output folder per run."""
     build_demo_shards(tmp_path / "demo", n=120, attack="badnets", n_shards=2)
-    args = ["audit", "--config", "jobs/configs/audit.yaml", "--report", str(tmp_path / "report"),
-            f"source.uri={tmp_path / 'demo' / 'shards'}", f"output.uri={tmp_path / 'audit-out'}", *CHEAP]
-    code = main([*args[:1], "--thresholds", json.dumps({"max_class_replaced_rate": 0.3}), *args[1:]])
-    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    latest = tmp_path / "audits" / "latest" / "report.json"
+
+    def run(n: int, thresholds: dict) -> int:
+        return main(["audit", "--config", "jobs/configs/audit.yaml", "--report", str(tmp_path / f"report{n}"),
+                     "--thresholds", json.dumps(thresholds), f"source.uri={tmp_path / 'demo' / 'shards'}",
+                     f"output.uri={tmp_path / 'audits' / f'run{n}'}", f"audit.previous={latest}",
+                     f"audit.publish_latest={latest}", *CHEAP])
+
+    code = run(1, {"max_class_replaced_rate": 0.3})
+    report = json.loads((tmp_path / "report1" / "report.json").read_text())
     assert report["rows"] == 120 and report["errors"] == 0
     # Half the images carry the trigger: the victim calls them class 0, purification sends them home.
     assert report["most_replaced"][0]["class"] == 0
     assert report["per_class"]["0"]["replaced_rate"] > 0.5
-    assert code == 3 and report["alerts"]
+    assert code == 3 and report["alerts"] and report["trend"] is None
     assert "ALERT" in capsys.readouterr().out
-    html = (tmp_path / "report" / "report.html").read_text()
+    html = (tmp_path / "report1" / "report.html").read_text()
     assert "data:image/png;base64," in html
+    assert json.loads(latest.read_text())["generated_at"] == report["generated_at"]
 
-    # Same data, a lenient threshold and the previous report for the trend: no alert, exit 0.
-    code = main([*args[:1], "--thresholds", json.dumps({"max_class_replaced_rate": 0.99}),
-                 "--previous", str(tmp_path / "report" / "report.json"),
-                 *[a if not a.startswith(str(tmp_path / "report")) else str(tmp_path / "report2") for a in args[1:]]])
+    # Same data, a lenient threshold: no alert, exit 0, and the trend against the published previous report.
+    code = run(2, {"max_class_replaced_rate": 0.99})
     again = json.loads((tmp_path / "report2" / "report.json").read_text())
     assert code == 0 and not again["alerts"]
-    assert "trend" in again and again["trend"]
+    assert again["trend"]["previous_generated_at"] == report["generated_at"]
+    assert again["trend"]["flip_rate_delta"] == again["flip_rate"] - report["flip_rate"]
+    assert json.loads(latest.read_text())["generated_at"] == again["generated_at"]

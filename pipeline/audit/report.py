@@ -5,14 +5,15 @@ A backdoor target class shows up as a class that purified images *leave*: poison
 target before purification (the trigger works) and as their true class after it (the trigger is gone). So the
 headline per-class number is the replaced rate: of the rows with pred_orig == c, the share with pred_purified != c.
 
-Pure pyarrow + numpy + matplotlib (Agg, through `Figure` so no pyplot global state); no Ray, so the CLI's audit verb
-can run it on a laptop against the Parquet the cluster wrote.
+Pure pyarrow + numpy + matplotlib (Agg, through `Figure` so no pyplot global state) + Jinja2 (the page is
+`templates/report.html.j2`, autoescaped); no Ray, so the CLI's audit verb can run it on a laptop against the Parquet
+the cluster wrote.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import math
@@ -27,21 +28,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from pipeline.audit.thresholds import DEFAULT_MIN_CLASS_ROWS, Thresholds, parse_thresholds
 from pipeline.storage import resolve_filesystem, uri_path  # pyarrow only, no Ray
 
 REPORT_VERSION = 1
 IMAGE_COLUMNS = ("image_png", "image_orig_png")
 
-# Every key evaluate_thresholds understands; anything else is refused, so a typo cannot silently disable an alert.
-THRESHOLD_KEYS: dict[str, str] = {
-    "max_flip_rate": "alert when the overall flip rate (pred_orig != pred_purified) exceeds this",
-    "max_class_replaced_rate": "alert when any class's replaced rate exceeds this (classes with >= min_class_rows)",
-    "min_class_rows": "rows a class needs before max_class_replaced_rate applies to it (default 10)",
-    "max_error_rate": "alert when the share of error rows exceeds this",
-    "max_flip_rate_increase": "alert when the flip rate rose by more than this since the previous report",
-    "min_rows": "alert when the audit saw fewer rows than this (an empty audit proves nothing)",
-}
-DEFAULT_MIN_CLASS_ROWS = 10
 MAX_PLOT_CLASSES = 30  # beyond this, charts show the classes that matter; the JSON keeps all
 
 
@@ -313,21 +305,13 @@ def _summarize(table: pa.Table, class_names: Sequence[str] | None, top_k: int) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_threshold_keys(thresholds: dict | None) -> None:
-    unknown = sorted(set(thresholds or {}) - set(THRESHOLD_KEYS))
-    if unknown:
-        raise ValueError(f"unknown threshold(s) {unknown}; known: {sorted(THRESHOLD_KEYS)}")
-
-
-def evaluate_thresholds(report: dict, thresholds: dict | None) -> list[str]:
+def evaluate_thresholds(report: dict, thresholds: Thresholds | dict | None) -> list[str]:
     """Human-readable alerts for every threshold the report crosses; empty when all is well.
 
     A rate that cannot be measured (no rows, no valid rows) is itself an alert when a threshold asks for it:
     an audit that saw nothing must not pass.
     """
-    if not thresholds:
-        return []
-    _check_threshold_keys(thresholds)
+    t = parse_thresholds(thresholds)
     alerts: list[str] = []
 
     def check(value: float | None, limit: float, what: str, key: str) -> None:
@@ -336,15 +320,15 @@ def evaluate_thresholds(report: dict, thresholds: dict | None) -> list[str]:
         elif value > limit:
             alerts.append(f"{what} {value:.4f} > {key} {limit}")
 
-    if "min_rows" in thresholds and report.get("rows", 0) < thresholds["min_rows"]:
-        alerts.append(f"rows {report.get('rows', 0)} < min_rows {thresholds['min_rows']}")
-    if "max_flip_rate" in thresholds:
-        check(report.get("flip_rate"), float(thresholds["max_flip_rate"]), "flip rate", "max_flip_rate")
-    if "max_error_rate" in thresholds:
-        check(report.get("error_rate"), float(thresholds["max_error_rate"]), "error rate", "max_error_rate")
-    if "max_class_replaced_rate" in thresholds:
-        limit = float(thresholds["max_class_replaced_rate"])
-        min_rows = int(thresholds.get("min_class_rows", DEFAULT_MIN_CLASS_ROWS))
+    if t.min_rows is not None and report.get("rows", 0) < t.min_rows:
+        alerts.append(f"rows {report.get('rows', 0)} < min_rows {t.min_rows}")
+    if t.max_flip_rate is not None:
+        check(report.get("flip_rate"), t.max_flip_rate, "flip rate", "max_flip_rate")
+    if t.max_error_rate is not None:
+        check(report.get("error_rate"), t.max_error_rate, "error rate", "max_error_rate")
+    if t.max_class_replaced_rate is not None:
+        limit = t.max_class_replaced_rate
+        min_rows = t.min_class_rows if t.min_class_rows is not None else DEFAULT_MIN_CLASS_ROWS
         for c, stats in sorted(report.get("per_class", {}).items(), key=lambda kv: int(kv[0])):
             rate = stats.get("replaced_rate")
             if stats.get("rows", 0) >= min_rows and rate is not None and rate > limit:
@@ -352,12 +336,45 @@ def evaluate_thresholds(report: dict, thresholds: dict | None) -> list[str]:
                     f"class {c} ({stats.get('name', c)}) replaced rate {rate:.4f} > max_class_replaced_rate "
                     f"{limit} ({stats['replaced']}/{stats['rows']} rows left the class after purification)"
                 )
-    if "max_flip_rate_increase" in thresholds:
-        limit = float(thresholds["max_flip_rate_increase"])
+    if t.max_flip_rate_increase is not None:
+        limit = t.max_flip_rate_increase
         d = (report.get("trend") or {}).get("flip_rate_delta")
         if d is not None and d > limit:
             alerts.append(f"flip rate rose by {d:.4f} since the previous report > max_flip_rate_increase {limit}")
     return alerts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The previous report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def check_previous(previous: Any, where: str = "previous report") -> dict:
+    """Refuse a previous report the trend cannot use, naming the first field that is wrong.
+
+    Called before any work, so that a truncated or hand-edited report.json fails the audit in seconds, not after
+    the whole sanitize run."""
+    if not isinstance(previous, dict):
+        raise ValueError(f"{where} is not a JSON object (got {type(previous).__name__})")
+    if previous.get("version") != REPORT_VERSION:
+        raise ValueError(f"{where} has version {previous.get('version')!r}, this audit writes {REPORT_VERSION}")
+    for key in ("rows", "flip_rate", "error_rate", "mean_nfe"):
+        if not _is_number(previous.get(key)):
+            raise ValueError(f"{where}: {key} must be a number or null, got {previous.get(key)!r}")
+    per_class = previous.get("per_class")
+    if not isinstance(per_class, dict):
+        raise ValueError(f"{where}: per_class must be an object, got {type(per_class).__name__}")
+    for c, stats in per_class.items():
+        if not isinstance(stats, dict) or not _is_number(stats.get("replaced_rate")):
+            raise ValueError(f"{where}: per_class[{c!r}].replaced_rate must be a number or null")
+    top = previous.get("most_replaced")
+    if not isinstance(top, list) or not all(isinstance(r, dict) for r in top):
+        raise ValueError(f"{where}: most_replaced must be a list of objects")
+    return previous
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,7 +417,9 @@ def _class_chart(report: dict, previous: dict | None) -> str | None:
         xs = [i for i, v in enumerate(prev) if v is not None]
         ax.scatter(xs, [prev[i] for i in xs], marker="_", s=400, color="black", zorder=3, label="previous run")
     ax.set_xticks(range(len(classes)))
-    ax.set_xticklabels(names, rotation=45 if len(classes) > 8 else 0, ha="right" if len(classes) > 8 else "center")
+    # parse_math=False: a class name is text, never mathtext ("$\\frac{$" would raise inside savefig).
+    ax.set_xticklabels(names, rotation=45 if len(classes) > 8 else 0, ha="right" if len(classes) > 8 else "center",
+                       parse_math=False)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of rows leaving the class")
     ax.set_xlabel("class predicted on the original image (pred_orig)")
@@ -432,8 +451,8 @@ def _heatmap(report: dict) -> str | None:
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
     ax.set_xticks(range(len(labels)))
     ax.set_yticks(range(len(labels)))
-    ax.set_xticklabels(names, rotation=45, ha="right")
-    ax.set_yticklabels(names)
+    ax.set_xticklabels(names, rotation=45, ha="right", parse_math=False)
+    ax.set_yticklabels(names, parse_math=False)
     ax.set_xlabel("pred_purified")
     ax.set_ylabel("pred_orig")
     ax.set_title("Transitions pred_orig -> pred_purified")
@@ -467,29 +486,17 @@ def _fmt_delta(value: float | None, pct: bool = True) -> str:
     return f"{100 * value:+.1f} pp" if pct else f"{value:+.2f}"
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1c2833;background:#fff}
-h1{margin:0 0 4px 0;font-size:24px} h2{margin-top:28px;border-bottom:1px solid #d5d8dc;padding-bottom:4px}
-.muted{color:#707b7c;font-size:13px}
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
-.card{border:1px solid #d5d8dc;border-radius:8px;padding:10px 14px;min-width:130px}
-.card .v{font-size:22px;font-weight:600} .card .k{font-size:12px;color:#707b7c}
-.alerts{background:#fdedec;border:1px solid #c0392b;border-radius:8px;padding:8px 16px}
-.ok{background:#eafaf1;border:1px solid #27ae60;border-radius:8px;padding:8px 16px}
-table.t{border-collapse:collapse;font-size:13px} table.t td,table.t th{border:1px solid #d5d8dc;padding:3px 8px}
-table.t th{background:#f4f6f6;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
-.grid{display:flex;flex-wrap:wrap;gap:12px}
-.sample{border:1px solid #d5d8dc;border-radius:8px;padding:8px;font-size:12px;width:230px}
-.pair{display:flex;gap:6px} .pair figure{margin:0;text-align:center}
-.pair img{width:108px;height:108px;image-rendering:pixelated;border:1px solid #aab7b8;background:#eee}
-.noimg{width:108px;height:108px;border:1px dashed #aab7b8;display:flex;align-items:center;justify-content:center}
-.key{font-family:ui-monospace,monospace;word-break:break-all}
-img.plot{max-width:100%;border:1px solid #eee}
-"""
+@functools.cache
+def _template() -> Any:
+    import jinja2  # imported late, like matplotlib: a JSON-only caller never pays for it
+
+    # Autoescaped: keys, class names and error messages come from the data and the config, never trusted as HTML.
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.audit", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html.j2")
 
 
 def _render_html(report: dict, table: pa.Table, chosen: np.ndarray, previous: dict | None) -> str:
-    e = html.escape
     cards = [
         ("rows", _fmt(report["rows"])),
         ("errors", f"{report['errors']} ({_fmt(report['error_rate'], pct=True)})"),
@@ -503,116 +510,60 @@ def _render_html(report: dict, table: pa.Table, chosen: np.ndarray, previous: di
         cards.append(("most replaced class", f"{top['name']} ({_fmt(top['replaced_rate'], pct=True)})"))
     if report.get("labels"):
         lab = report["labels"]
-        cards.append(
-            (
-                "accuracy orig / purified",
-                f"{_fmt(lab['accuracy_orig'], pct=True)} / {_fmt(lab['accuracy_purified'], pct=True)}",
-            )
-        )
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        # No external requests of any kind: the page must render offline, attached to a ticket or an e-mail.
-        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'\">",
-        "<title>bbpurify audit report</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>Backdoor purification audit</h1>",
-        f"<div class='muted'>generated {e(str(report['generated_at']))} &middot; methods "
-        f"{e(', '.join(f'{k} ({v})' for k, v in report['methods'].items()) or 'n/a')}</div>",
-        "<div class='cards'>",
-        *(f"<div class='card'><div class='v'>{e(v)}</div><div class='k'>{e(k)}</div></div>" for k, v in cards),
-        "</div>",
-    ]
-    if report["alerts"]:
-        parts.append("<div class='alerts'><b>Thresholds crossed</b><ul>")
-        parts += [f"<li>{e(a)}</li>" for a in report["alerts"]]
-        parts.append("</ul></div>")
-    elif report.get("thresholds"):
-        parts.append(
-            f"<div class='ok'>No threshold crossed: {e(json.dumps(report['thresholds'], sort_keys=True))}</div>"
-        )
+        cards.append(("accuracy orig / purified",
+                      f"{_fmt(lab['accuracy_orig'], pct=True)} / {_fmt(lab['accuracy_purified'], pct=True)}"))
 
     trend = report.get("trend")
+    trend_view = None
     if trend:
-        parts.append("<h2>Trend vs previous report</h2>")
-        parts.append(
-            f"<p class='muted'>previous report: {e(str(trend.get('previous_generated_at')))}, "
-            f"{e(str(trend.get('previous_rows')))} rows</p>"
-        )
-        parts.append("<table class='t'><tr><th>metric</th><th>change</th></tr>")
-        parts.append(f"<tr><td>flip rate</td><td class='n'>{_fmt_delta(trend['flip_rate_delta'])}</td></tr>")
-        parts.append(f"<tr><td>error rate</td><td class='n'>{_fmt_delta(trend['error_rate_delta'])}</td></tr>")
-        parts.append(f"<tr><td>mean NFE</td><td class='n'>{_fmt_delta(trend['mean_nfe_delta'], pct=False)}</td></tr>")
+        top_was = None
         if trend.get("top_replaced_changed"):
             was = str(trend["previous_top_replaced"])
-            was = report["class_names"].get(was, was)
-            parts.append(f"<tr><td>most replaced class</td><td>changed (was {e(was)})</td></tr>")
-        parts.append("</table>")
-
-    parts.append("<h2>Classes purification replaces</h2>")
-    parts.append(
-        "<p class='muted'>For each class c: of the rows the black box put in c on the original image, the "
-        "share it puts elsewhere after purification. A backdoor target is a class purified images leave. "
-        "Ranked by the 95% Wilson lower bound so that small classes do not top the list by chance.</p>"
-    )
-    chart = _class_chart(report, previous)
-    if chart:
-        parts.append(f"<img class='plot' alt='per-class replaced rate' src='{chart}'>")
+            top_was = report["class_names"].get(was, was)
+        trend_view = {
+            "previous_generated_at": str(trend.get("previous_generated_at")),
+            "previous_rows": str(trend.get("previous_rows")),
+            "rows": [("flip rate", _fmt_delta(trend["flip_rate_delta"])),
+                     ("error rate", _fmt_delta(trend["error_rate_delta"])),
+                     ("mean NFE", _fmt_delta(trend["mean_nfe_delta"], pct=False))],
+            "top_was": top_was,
+        }
     deltas = (trend or {}).get("per_class_replaced_rate_delta", {})
-    parts.append(
-        "<table class='t'><tr><th>rank</th><th>class</th><th>rows</th><th>replaced</th>"
-        "<th>replaced rate</th><th>lower bound</th><th>received</th>" + ("<th>change</th>" if trend else "") + "</tr>"
+    classes = [
+        {"name": row["name"], "rows": row["rows"], "replaced": row["replaced"],
+         "rate": _fmt(row["replaced_rate"], pct=True), "lcb": _fmt(row["replaced_rate_lcb"], pct=True),
+         "received": report["per_class"][str(row["class"])]["received"],
+         "change": _fmt_delta(deltas.get(str(row["class"])))}
+        for row in report["most_replaced"][:20]
+    ]
+
+    cols = [c for c in IMAGE_COLUMNS if c in table.column_names]
+    images = table.select(cols).take(pa.array(chosen, type=pa.int64())) if cols and len(chosen) else None
+    samples = []
+    for j, s in enumerate(report["suspicious"]):
+        pair = [(caption, _png_data_uri(images.column(col)[j].as_py()) if images is not None and col in cols else None)
+                for col, caption in (("image_orig_png", "before"), ("image_png", "after"))]
+        samples.append({
+            "images": pair, "key": str(s["key"]), "score": _fmt(s["flag_score"]),
+            "pred_orig": report["class_names"].get(str(s["pred_orig"]), str(s["pred_orig"])),
+            "pred_purified": report["class_names"].get(str(s["pred_purified"]), str(s["pred_purified"])),
+            "label": str(s["label"]), "shard": str(s["shard"]),
+        })
+
+    return _template().render(
+        generated_at=str(report["generated_at"]),
+        methods=", ".join(f"{k} ({v})" for k, v in report["methods"].items()),
+        cards=cards,
+        alerts=report["alerts"],
+        thresholds=json.dumps(report["thresholds"], sort_keys=True) if report.get("thresholds") else None,
+        trend=trend_view,
+        class_chart=_class_chart(report, previous),
+        classes=classes,
+        heatmap=_heatmap(report),
+        has_original_images=report["has_original_images"],
+        samples=samples,
+        top_errors=list(report["top_errors"].items()),
     )
-    for rank, row in enumerate(report["most_replaced"][:20], 1):
-        stats = report["per_class"][str(row["class"])]
-        change = f"<td class='n'>{_fmt_delta(deltas.get(str(row['class'])))}</td>" if trend else ""
-        parts.append(
-            f"<tr><td class='n'>{rank}</td><td>{e(row['name'])}</td><td class='n'>{row['rows']}</td>"
-            f"<td class='n'>{row['replaced']}</td><td class='n'>{_fmt(row['replaced_rate'], pct=True)}</td>"
-            f"<td class='n'>{_fmt(row['replaced_rate_lcb'], pct=True)}</td>"
-            f"<td class='n'>{stats['received']}</td>{change}</tr>"
-        )
-    parts.append("</table>")
-
-    heat = _heatmap(report)
-    if heat:
-        parts.append("<h2>Transition matrix</h2>")
-        parts.append(f"<img class='plot' alt='transition heatmap' src='{heat}'>")
-
-    parts.append(f"<h2>Most suspicious samples ({len(chosen)})</h2>")
-    if not report["has_original_images"]:
-        parts.append(
-            "<p class='muted'>The output has no image_orig_png column (run with output.keep_original=true "
-            "to see the originals).</p>"
-        )
-    if len(chosen) == 0:
-        parts.append("<p>No flagged rows.</p>")
-    else:
-        cols = [c for c in IMAGE_COLUMNS if c in table.column_names]
-        images = table.select(cols).take(pa.array(chosen, type=pa.int64())) if cols else None
-        parts.append("<div class='grid'>")
-        for j, s in enumerate(report["suspicious"]):
-            figs = []
-            for col, caption in (("image_orig_png", "before"), ("image_png", "after")):
-                uri = _png_data_uri(images.column(col)[j].as_py()) if images is not None and col in cols else None
-                inner = f"<img alt='{caption}' src='{uri}'>" if uri else "<div class='noimg'>no image</div>"
-                figs.append(f"<figure>{inner}<figcaption>{caption}</figcaption></figure>")
-            po = report["class_names"].get(str(s["pred_orig"]), str(s["pred_orig"]))
-            pp = report["class_names"].get(str(s["pred_purified"]), str(s["pred_purified"]))
-            parts.append(
-                f"<div class='sample'><div class='pair'>{''.join(figs)}</div>"
-                f"<div class='key'>{e(str(s['key']))}</div>"
-                f"<div>{e(po)} &rarr; <b>{e(pp)}</b> &middot; score {e(_fmt(s['flag_score']))}</div>"
-                f"<div class='muted'>label {e(str(s['label']))} &middot; shard {e(str(s['shard']))}</div></div>"
-            )
-        parts.append("</div>")
-
-    if report["top_errors"]:
-        parts.append("<h2>Most frequent errors</h2><table class='t'><tr><th>error</th><th>rows</th></tr>")
-        parts += [f"<tr><td>{e(k)}</td><td class='n'>{v}</td></tr>" for k, v in report["top_errors"].items()]
-        parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -624,16 +575,19 @@ def build_report(
     table: pa.Table,
     out_dir: Path,
     previous: dict | None = None,
-    thresholds: dict | None = None,
+    thresholds: Thresholds | dict | None = None,
     class_names: list[str] | None = None,
     top_k: int = 16,
 ) -> dict:
     """Compute the audit numbers from the pipeline output, write `report.json` and `report.html` into `out_dir`.
 
-    `previous` is the previous run's report.json (as a dict) for the trend section; `thresholds` (keys in
-    THRESHOLD_KEYS) fill `report["alerts"]`, which the CLI turns into a non-zero exit.
+    `previous` is the previous run's report.json (as a dict) for the trend section; `thresholds` (a Thresholds, or
+    a dict of its keys: THRESHOLD_KEYS) fill `report["alerts"]`, which the CLI turns into a non-zero exit.
     """
-    _check_threshold_keys(thresholds)  # before any work: a typo should not cost a full report run
+    # Before any work: a typo or a broken previous report should not cost a full report run.
+    checked = parse_thresholds(thresholds)
+    if previous is not None:
+        check_previous(previous)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary, chosen = _summarize(table, class_names, top_k)
@@ -643,11 +597,12 @@ def build_report(
         **summary,
     }
     report["trend"] = _trend(report, previous) if previous else None
-    report["thresholds"] = dict(thresholds or {})
-    report["alerts"] = evaluate_thresholds(report, thresholds)
+    report["thresholds"] = checked.as_dict()
+    report["alerts"] = evaluate_thresholds(report, checked)
     report = _json_safe(report)
     report["files"] = {"json": str(out_dir / "report.json"), "html": str(out_dir / "report.html")}
 
+    page = _render_html(report, table, chosen, previous)  # rendered first: a failure leaves no half-written pair
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False))
-    (out_dir / "report.html").write_text(_render_html(report, table, chosen, previous), encoding="utf-8")
+    (out_dir / "report.html").write_text(page, encoding="utf-8")
     return report

@@ -1,5 +1,10 @@
 """The `audit` verb: sanitize a sample with originals kept, build the report next to the output, compare with the
-previous report, and return the alerts (the CLI exits non-zero on any, so a scheduler can page someone)."""
+previous report, and return the alerts (the CLI exits non-zero on any, so a scheduler can page someone).
+
+Everything that can be wrong with the request (thresholds, the previous report, an output or report folder that
+already holds data) is checked before the sanitize run, which is the expensive part. An audit never deletes or
+overwrites what it did not write in this run unless the caller passes `overwrite=True`.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,33 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipeline.audit.report import build_report, load_output
+from pipeline.audit.report import build_report, check_previous, load_output
+from pipeline.audit.thresholds import parse_thresholds
 from pipeline.config import JobConfig
-from pipeline.storage import StorageError, resolve_filesystem
+from pipeline.storage import resolve_filesystem
 
 log = logging.getLogger(__name__)
+REPORT_FILES = ("report.json", "report.html")
 
 
-def _read_json(uri: str, endpoint_url: str | None) -> dict | None:
+class AuditError(ValueError):
+    """The audit request cannot be carried out as asked; nothing was purified or written."""
+
+
+def read_previous(uri: str, endpoint_url: str | None) -> dict | None:
+    """The previous run's report.json, checked; None (no trend, a warning) when there is none yet, as on the first
+    scheduled run. A report that exists but is not one this audit can compare with is an AuditError."""
     fs, path = resolve_filesystem(uri, endpoint_url)
     if fs.get_file_info(path).type != pafs.FileType.File:
         log.warning("no previous report at %s: this audit has no trend", uri)
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+        raw = f.read()
+    try:
+        return check_previous(json.loads(raw), where=f"previous report {uri}")
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise AuditError(f"cannot use the previous report {uri} for the trend: {e}. Point audit.previous / "
+                         "--previous at a report.json this audit wrote, or drop it to run without a trend") from None
 
 
 def _write(uri_dir: str, endpoint_url: str | None, files: dict[str, bytes]) -> None:
@@ -34,46 +52,84 @@ def _write(uri_dir: str, endpoint_url: str | None, files: dict[str, bytes]) -> N
             f.write(data)
 
 
+def _holds_data(fs: pafs.FileSystem, path: str) -> bool:
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return True
+    return info.type == pafs.FileType.Directory and bool(fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+
+
+def _claim_output(uri: str, endpoint_url: str | None, overwrite: bool) -> None:
+    """Refuse an output that already holds data (a sanitize run's output, a previous audit) unless overwrite."""
+    fs, path = resolve_filesystem(uri, endpoint_url)
+    if not _holds_data(fs, path):
+        return
+    if not overwrite:
+        raise AuditError(f"audit output {uri} already holds data; an audit writes a fresh sample and never deletes "
+                         "what it did not write: give it its own output.uri (e.g. one prefix per run), or ask for "
+                         "the folder to be replaced with overwrite")
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        fs.delete_file(path)
+    elif isinstance(fs, pafs.LocalFileSystem):
+        shutil.rmtree(path)
+    else:
+        fs.delete_dir_contents(path)
+
+
 def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | None = None,
-              sample: int | None = None, thresholds: dict | None = None) -> list[str]:
+              sample: int | None = None, thresholds: dict | None = None, overwrite: bool = False) -> list[str]:
+    """Sanitize a sample, write the report, return its alerts. `overwrite` lets the audit replace an output folder
+    and report files that already exist; without it, they make the audit fail before any work."""
     from pipeline.job import _local_abs, run_sanitize
 
     a = cfg.audit
+    checked = parse_thresholds(thresholds if thresholds is not None else a.thresholds)
+    for name in cfg.blackbox.class_names or []:
+        if not isinstance(name, str) or not name.strip():
+            raise AuditError(f"blackbox.class_names must be non-empty strings, got {name!r}")
     sample = sample or a.sample
     cfg = cfg.model_copy(deep=True)
     cfg.output.keep_original = True
     cfg.output.resume = False  # an audit is a fresh sample, never a continuation
     if sample:
         cfg.source.limit = sample
-    fs_out, out_path = resolve_filesystem(_local_abs(cfg.output.uri), cfg.output.endpoint_url)
-    if fs_out.get_file_info(out_path).type == pafs.FileType.Directory:
-        if isinstance(fs_out, pafs.LocalFileSystem):
-            shutil.rmtree(out_path)  # a local audit folder is scratch space
-        elif fs_out.get_file_info(pafs.FileSelector(out_path, recursive=False)):
-            raise StorageError(f"audit output {cfg.output.uri} is not empty: give each audit its own output.uri")
-    summary = run_sanitize(cfg)
-    table = load_output(_local_abs(cfg.output.uri), endpoint_url=cfg.output.endpoint_url)
+    out_uri = _local_abs(cfg.output.uri)
     prev_uri = previous or a.previous
-    prev = _read_json(prev_uri, cfg.output.endpoint_url) if prev_uri else None
+    prev = read_previous(_local_abs(prev_uri), cfg.output.endpoint_url) if prev_uri else None
     local = Path(report_dir) if report_dir else Path("out/audit-report")
-    report = build_report(table, local, previous=prev, thresholds=thresholds or a.thresholds or None,
-                          class_names=cfg.blackbox.class_names)
-    files = {name: (local / name).read_bytes() for name in ("report.json", "report.html")}
+    existing = [local / n for n in REPORT_FILES if (local / n).exists()]
+    if existing and not overwrite:
+        raise AuditError(f"report folder {local} already holds {', '.join(p.name for p in existing)}: give this "
+                         "audit its own report folder (--report), or ask for the files to be replaced with overwrite")
+    _claim_output(out_uri, cfg.output.endpoint_url, overwrite)
+
+    summary = run_sanitize(cfg)
+    table = load_output(out_uri, endpoint_url=cfg.output.endpoint_url)
+    report = build_report(table, local, previous=prev, thresholds=checked, class_names=cfg.blackbox.class_names)
+    files = {name: (local / name).read_bytes() for name in REPORT_FILES}
     remote = a.report_uri or (cfg.output.uri.rstrip("/") + "/_report" if "://" in cfg.output.uri else None)
     if remote:
         _write(remote, cfg.output.endpoint_url, files)
     if a.publish_latest:
-        fs, path = resolve_filesystem(a.publish_latest, cfg.output.endpoint_url)
+        # The one file an audit overwrites on purpose: the user named it as the next run's `previous`.
+        fs, path = resolve_filesystem(_local_abs(a.publish_latest), cfg.output.endpoint_url)
+        if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders to create
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         with fs.open_output_stream(path) as f:
             f.write(files["report.json"])
     top = report["most_replaced"][0] if report["most_replaced"] else None
     print(summary.line())
-    line = f"audit: {report['rows']} rows, flip rate {report['flip_rate']:.3f}"
+    flip = report["flip_rate"]
+    line = f"audit: {report['rows']} rows, flip rate " + ("n/a" if flip is None else f"{flip:.3f}")
     if top:
         rate = report["per_class"][str(top["class"])]["replaced_rate"]
         line += f", most replaced class {top['class']} (replaced rate {rate:.3f})"
+    trend = report.get("trend")
+    if trend and trend.get("flip_rate_delta") is not None:
+        line += f", flip rate {trend['flip_rate_delta']:+.3f} since {trend['previous_generated_at']}"
     print(line)
     print(f"report: {(local / 'report.html').resolve()}" + (f" and {remote}/" if remote else ""))
     for alert in report["alerts"]:
         print(f"ALERT: {alert}")
     return list(report["alerts"])
+

@@ -1,0 +1,139 @@
+"""The audit verb refuses a bad request before any work, and never deletes data it did not write."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.audit import THRESHOLD_KEYS, ThresholdError, Thresholds, build_report, parse_thresholds
+from pipeline.audit.run import AuditError, run_audit
+from pipeline.cli import main
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _existing_output(tmp_path: Path) -> Path:
+    """A folder that holds someone's data: a sanitize run's output and its checkpoint."""
+    out = tmp_path / "sanitized"
+    out.mkdir()
+    pq.write_table(pa.table({"key": ["a", "b"], "pred_orig": [1, 2]}), out / "part-0.parquet")
+    (out / "_checkpoint").write_text("resume state")
+    return out
+
+
+def _cfg(tmp_path: Path, out: Path, *extra: str):
+    # The source does not exist: had the audit started the sanitize run, it would fail with another error.
+    return load_config(REPO / "jobs/configs/audit.yaml",
+                       [f"source.uri={tmp_path / 'no-such-shards'}", f"output.uri={out}", *extra])
+
+
+def _untouched(out: Path) -> None:
+    assert sorted(p.name for p in out.iterdir()) == ["_checkpoint", "part-0.parquet"]
+    assert pq.read_table(out / "part-0.parquet").num_rows == 2
+
+
+def test_thresholds_model_refuses_unknown_keys_and_out_of_range_values() -> None:
+    assert parse_thresholds({"max_flip_rate": 0.2, "min_rows": 10}).as_dict() == {"max_flip_rate": 0.2, "min_rows": 10}
+    assert parse_thresholds(None) == Thresholds()
+    with pytest.raises(ThresholdError, match="max_flp_rate"):
+        parse_thresholds({"max_flp_rate": 0.1})
+    for bad in ({"max_flip_rate": 1.5}, {"max_class_replaced_rate": -0.1}, {"min_rows": -1}, {"min_class_rows": 0},
+                {"max_flip_rate_increase": 2}, {"max_error_rate": "lots"}):
+        with pytest.raises(ThresholdError, match=next(iter(bad))):
+            parse_thresholds(bad)
+    with pytest.raises(ThresholdError, match="mapping"):
+        parse_thresholds([0.1])  # type: ignore[arg-type]
+    assert set(THRESHOLD_KEYS) == set(Thresholds.model_fields)
+
+
+def test_typo_in_a_threshold_fails_before_the_output_is_touched(tmp_path: Path) -> None:
+    out = _existing_output(tmp_path)
+    with pytest.raises(ThresholdError, match="max_flp_rate"):
+        run_audit(_cfg(tmp_path, out), tmp_path / "report", thresholds={"max_flp_rate": 0.1})
+    with pytest.raises(ThresholdError, match="max_flp_rate"):
+        run_audit(_cfg(tmp_path, out, "audit.thresholds={max_flp_rate: 0.1}"), tmp_path / "report")
+    _untouched(out)
+
+
+def test_existing_output_is_refused_not_deleted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = _existing_output(tmp_path)
+    with pytest.raises(AuditError, match="already holds data"):
+        run_audit(_cfg(tmp_path, out), tmp_path / "report")
+    _untouched(out)
+    # The CLI's default output (no --config) is out/demo/sanitized, the demo's sanitize output: same refusal.
+    code = main(["audit", "--report", str(tmp_path / "report"), f"source.uri={tmp_path / 'none'}",
+                 f"output.uri={out}"])
+    assert code == 2 and "already holds data" in capsys.readouterr().err
+    _untouched(out)
+    # An existing report is somebody's earlier audit: refused too.
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.json").write_text("{}")
+    with pytest.raises(AuditError, match="report.json"):
+        run_audit(_cfg(tmp_path, tmp_path / "fresh"), tmp_path / "report")
+    assert (tmp_path / "report" / "report.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "Expecting property name"),
+    ("[1, 2]", "not a JSON object"),
+    (json.dumps({"version": 1, "rows": 10, "flip_rate": "high", "per_class": {}, "most_replaced": []}),
+     "flip_rate"),
+    (json.dumps({"version": 1, "rows": 10, "flip_rate": 0.1, "per_class": {"3": {"replaced_rate": "x"}},
+                 "most_replaced": []}), "replaced_rate"),
+    (json.dumps({"version": 99, "rows": 10}), "version"),
+])
+def test_malformed_previous_report_fails_before_work(tmp_path: Path, content: str, match: str) -> None:
+    out = _existing_output(tmp_path)
+    prev = tmp_path / "previous.json"
+    prev.write_text(content)
+    with pytest.raises(AuditError, match=match):
+        run_audit(_cfg(tmp_path, out), tmp_path / "report", previous=str(prev), overwrite=True)
+    _untouched(out)  # even with overwrite: the request was refused before anything was deleted
+
+
+def test_class_names_that_look_like_mathtext_render(tmp_path: Path) -> None:
+    n = 60
+    po = np.arange(n) % 3
+    pp = np.where(po == 0, 1, po)
+    table = pa.table({"key": [f"k{i}" for i in range(n)], "shard": ["s"] * n, "pred_orig": po, "pred_purified": pp,
+                      "flagged": po != pp, "error": pa.nulls(n, pa.string())})
+    names = [r"$\frac{$", "a $x^$ b", "<b>bold</b>"]
+    report = build_report(table, tmp_path, class_names=names)
+    assert report["most_replaced"][0]["name"] == r"$\frac{$"
+    page = (tmp_path / "report.html").read_text()
+    assert r"$\frac{$" in page and "&lt;b&gt;bold&lt;/b&gt;" in page and "<b>bold</b>" not in page
+    assert page.count("class='plot'") == 2
+
+
+def test_template_ships_in_the_wheel(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("bbpurify-*.whl")
+    assert "pipeline/audit/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_previous_report_on_s3(s3_server, s3_bucket: str, tmp_path: Path) -> None:
+    """The scheduled audit's `previous`: absent on the first run (no trend), refused when broken, read when valid."""
+    from pipeline.audit.run import read_previous
+
+    uri = f"s3://{s3_bucket}/audits/latest/report.json"
+    assert read_previous(uri, s3_server.endpoint_url) is None
+    fs = s3_server.filesystem()
+    with fs.open_output_stream(f"{s3_bucket}/audits/latest/report.json") as f:
+        f.write(b'{"version": 1, "rows": ')
+    with pytest.raises(AuditError, match="cannot use the previous report"):
+        read_previous(uri, s3_server.endpoint_url)
+    table = pa.table({"key": ["a", "b"], "shard": ["s", "s"], "pred_orig": [0, 1], "pred_purified": [0, 0]})
+    report = build_report(table, tmp_path)
+    with fs.open_output_stream(f"{s3_bucket}/audits/latest/report.json") as f:
+        f.write((tmp_path / "report.json").read_bytes())
+    assert read_previous(uri, s3_server.endpoint_url)["generated_at"] == report["generated_at"]
