@@ -93,11 +93,15 @@ def load_model(name_or_path: str = "fmnist-tiny", device: str | torch.device = "
                 f"cannot load diffusion model {name_or_path!r}: {weights} has pickled weights only "
                 f"({', '.join(pickled)}), which are refused because unpickling can run code; only safetensors "
                 "weights are loaded (convert with safetensors.torch.save_file)")
+    # low_cpu_mem_usage=False: the default (True) needs `accelerate`, which this project does not depend on;
+    # without it diffusers falls back to False anyway, after a warning on every load that a user cannot act on.
+    # These UNets are small enough to materialise on the CPU first.
+    load = {"use_safetensors": True, "low_cpu_mem_usage": False}
     try:
-        unet = UNet2DModel.from_pretrained(source, subfolder=sub, use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(source, subfolder=sub, **load)
     except OSError as exc:
         if sub == "unet" and not is_local:
-            unet = UNet2DModel.from_pretrained(source, use_safetensors=True)
+            unet = UNet2DModel.from_pretrained(source, **load)
         else:
             raise FileNotFoundError(f"cannot load diffusion model {name_or_path!r} from {source!r}: {exc}") from exc
     try:
