@@ -1,4 +1,8 @@
-"""Named diffusion-model presets and loading of a diffusers UNet2DModel + DDPM schedule (safetensors only)."""
+"""Named diffusion-model presets and loading of a diffusers UNet2DModel + DDPM schedule (safetensors only).
+
+Every purifier runs on a noise-predicting UNet and the discrete schedule it was trained with (DDPM: Ho, Jain and
+Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020); only `alphas_cumprod` of the schedule is used.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ class ModelPreset:
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in (
-        # black_level / veil_share: picked on test images 0-499 (dead zones 25..70 / 255, shares .15-.25 tried),
-        # checked on images 500-999 (README, Results).
+        # black_level / veil_share: picked on one half of the test set and checked on another (docs/methods.md,
+        # Unveiling).
         ModelPreset("fmnist-tiny", "fmnist-ddpm", 28, 1, "embedded: trained here on Fashion-MNIST", black_level=0.2,
                     veil_share=0.2),
         ModelPreset("ddpm-cifar10-32", "google/ddpm-cifar10-32", 32, 3, "hub: CIFAR-10 DDPM (needs network)"),
