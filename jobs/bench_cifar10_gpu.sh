@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU configuration for CIFAR-10-sized models (issue 7): trains one backdoored victim per attack on CIFAR-10, then
+# The GPU configuration for CIFAR-10-sized models: trains one backdoored victim per attack on CIFAR-10, then
 # runs the whole method grid with the hub's google/ddpm-cifar10-32 DDPM in fp16. Needs a CUDA GPU and access to the
 # Hugging Face hub (or CIFAR10_DIR holding the parquet files of uoft-cs/cifar10 and the model under models/).
 #

@@ -131,6 +131,8 @@ def test_fails_fast_on_wrong_bucket_and_dead_black_box(s3_server, tmp_path):
 
 def test_driver_killed_midway_then_rerun_has_every_key_once(tmp_path):
     """A separate driver process (its own local Ray) is killed once output starts to land; a rerun completes it."""
+    import signal
+
     src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=8, per_shard=24,
                              fmt="parquet")
     out = tmp_path / "out"
@@ -145,14 +147,15 @@ def test_driver_killed_midway_then_rerun_has_every_key_once(tmp_path):
         if any(out.glob("*.parquet")):
             break
         time.sleep(0.2)
-    killed = first.poll() is None
-    if killed:
-        os.killpg(first.pid, 9)
+    # What the test is about: the driver must die mid-job. A first run that ended on its own (finished, or failed
+    # before writing) would make the rerun below a plain second run, which proves nothing about resuming.
+    assert first.poll() is None, f"the first run ended on its own (exit {first.returncode}) before it was killed"
+    os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL
     partial = read_output(pafs.LocalFileSystem(), str(out)).num_rows if any(out.glob("*.parquet")) else 0
+    assert 0 < partial < len(src.expected), f"killed with {partial} of {len(src.expected)} rows written"
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     table = read_output(pafs.LocalFileSystem(), str(out))
     assert_exactly_once(table, src.expected)
-    if killed:
-        assert partial < len(src.expected)

@@ -209,7 +209,7 @@ def test_repair_changes_only_the_located_region_and_counts_nfe(model):
 
 
 def test_repair_locates_and_removes_a_bright_patch_the_paper_setting_keeps():
-    """The case ALGORITHMS.md calls out, on the embedded trained model: a white corner patch survives SampDetox's
+    """The case docs/methods.md describes, on the embedded trained model: a white corner patch survives SampDetox's
     weak first pass (so is never located) but not the repair's strong one."""
     from pipeline.attacks import apply_trigger, badnets_box
     from pipeline.datasets import load_fashion_mnist
@@ -229,6 +229,78 @@ def test_repair_locates_and_removes_a_bright_patch_the_paper_setting_keeps():
     # Away from the patch the repaired image stays close to the input (semantics kept).
     far = np.abs(repair.uint8()[:, 0, :14, :14].astype(int) - trig[:, 0, :14, :14]).mean()
     assert far < 25
+
+
+def embedded_schedule(cls):  # noqa: ANN001, ANN201 - a diffusers scheduler class
+    """A diffusers scheduler of class `cls` on the embedded model's own schedule (its scheduler/ config)."""
+    from pipeline.purify.models import MODELS_DIR
+
+    return cls.from_pretrained(MODELS_DIR / "fmnist-ddpm", subfolder="scheduler")
+
+
+@pytest.mark.parametrize("t,t_prev,eta,clipped_eps", [
+    (250, 225, 0.0, False),  # SDEdit's default grid (t_start 250, 10 steps)
+    (300, 250, 0.0, False),  # guided's grid (t_start 300, 6 steps)
+    (300, 250, 1.0, False),  # stochastic, as guided and the vote run it
+    (100, 80, 0.5, False),
+    (250, 0, 0.0, False),    # the last step lands on the clean state (abar = 1: diffusers' set_alpha_to_one)
+    (250, 0, 1.0, False),    # sigma is 0 onto the clean state: no noise enters
+    (300, 250, 1.0, True),   # a projection hook re-derives eps from x0, as use_clipped_model_output does
+])
+def test_ddim_step_matches_diffusers_ddim_scheduler(model, t, t_prev, eta, clipped_eps):
+    """The hand-written step (sampling.ddim_step, Eq. 12 of DDIM) is diffusers' DDIMScheduler.step on the same
+    x_t, eps, t -> t_prev and noise; state t is diffusers' timestep t - 1."""
+    from diffusers import DDIMScheduler
+
+    from pipeline.purify.sampling import abar, ddim_step, noise_like, predict_eps
+
+    sched = embedded_schedule(DDIMScheduler)
+    assert sched.config.clip_sample and sched.config.prediction_type == "epsilon"
+    ours_model = DiffusionModel(model.unet, sched.alphas_cumprod.double(), 16, 1, "tiny")
+    g = torch.Generator().manual_seed(t + t_prev)
+    x0 = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    x0[0] *= 3  # far outside [-1, 1]: the x0 clamp (clip_sample) is active on this image
+    x_t = abar(ours_model, t).sqrt() * x0 + (1 - abar(ours_model, t)).sqrt() * torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        eps = predict_eps(ours_model, x_t, t)
+    noise = noise_like(x_t, [torch.Generator().manual_seed(i) for i in range(3)])
+
+    stride = t - t_prev
+    assert sched.config.num_train_timesteps % stride == 0
+    sched.set_timesteps(sched.config.num_train_timesteps // stride)  # diffusers' step goes back T // n timesteps
+    ref = sched.step(eps, t - 1, x_t, eta=eta, use_clipped_model_output=clipped_eps,
+                     variance_noise=noise if eta > 0 else None).prev_sample
+    hook = (lambda x0_pred: x0_pred) if clipped_eps else None
+    ours, x0_pred = ddim_step(x_t, eps, abar(ours_model, t), abar(ours_model, t_prev), eta, noise, hook)
+    assert (x0_pred.abs() == 1).any()  # the clamp was exercised, not only the smooth part of the formula
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    if eta > 0 and t_prev > 0:  # the noise really entered: without it the two would differ
+        quiet, _ = ddim_step(x_t, eps, abar(ours_model, t), abar(ours_model, t_prev), eta, None, hook)
+        assert not torch.allclose(quiet, ref, atol=1e-3)
+
+
+def test_ddim_step_with_eta_1_on_consecutive_states_is_the_ddpm_ancestral_step(model):
+    """sampling.ddim_step's claim: eta = 1 between consecutive states is DDPM's step (Ho et al., Eq. 6-7 posterior,
+    fixed_small variance), checked against diffusers' DDPMScheduler.step with the same noise."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from pipeline.purify.sampling import abar, ddim_step, predict_eps
+
+    sched = embedded_schedule(DDPMScheduler)
+    assert sched.config.variance_type == "fixed_small"
+    ours_model = DiffusionModel(model.unet, sched.alphas_cumprod.double(), 16, 1, "tiny")
+    t = 201
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(2, 1, 16, 16, generator=g) * 1.6 - 0.8
+    true_eps = torch.randn(x0.shape, generator=g)
+    x_t = abar(ours_model, t).sqrt() * x0 + (1 - abar(ours_model, t)).sqrt() * true_eps
+    with torch.no_grad():  # the UNet's prediction, nudged toward the true noise so that x0_pred stays in [-1, 1]
+        eps = true_eps + 0.05 * predict_eps(ours_model, x_t, t)
+    ref = sched.step(eps, t - 1, x_t, generator=torch.Generator().manual_seed(9)).prev_sample
+    noise = randn_tensor(tuple(x_t.shape), generator=torch.Generator().manual_seed(9))
+    ours, x0_pred = ddim_step(x_t, eps, abar(ours_model, t), abar(ours_model, t - 1), 1.0, noise)
+    assert (x0_pred.abs() < 1).all()  # no clamp here: DDPM's posterior mean reads x_t, DDIM's reads eps
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
 
 
 def test_ssim_map_matches_skimage():
@@ -446,3 +518,24 @@ def test_always_cascade_equals_a_full_majority_vote(model):
     assert (out.votes[ran] == full[ran]).all() and ran[:, :2].all()
     assert out.nfe.tolist() == (2 * ran.sum(1)).tolist()
     assert ran[:, 2].tolist() == (full[:, 0] != full[:, 1]).tolist()
+
+
+def test_loading_the_embedded_model_logs_no_warning(recwarn):
+    """A user cannot act on diffusers' `accelerate` notice (this project loads small UNets without it), so loading
+    passes low_cpu_mem_usage=False instead of logging it on every actor start."""
+    import logging
+
+    from pipeline.purify import load_model
+
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = records.append
+    logger = logging.getLogger("diffusers")  # diffusers' library root logger: its modules log under it
+    logger.addHandler(catcher)
+    try:
+        loaded = load_model("fmnist-tiny", "cpu")
+    finally:
+        logger.removeHandler(catcher)
+    assert not [r.getMessage() for r in records]
+    assert not [str(w.message) for w in recwarn.list]
+    assert sum(p.numel() for p in loaded.unet.parameters()) == 1_692_801  # the model really loaded

@@ -1,4 +1,9 @@
-"""What every purifier shares: input checks, the size policy, and the call signature."""
+"""What every purifier shares: input checks, the size policy, unveiling, output sharpening, the call signature.
+
+A purifier is a Ray-free, batched torch callable: images (uint8 or [0, 1] floats, (N, C, H, W)) and their keys in,
+purified images in [-1, 1] and the exact UNet evaluations (NFE) spent on each image out. Noise is drawn per image
+from a generator seeded by (key, seed), so a result does not depend on the batch or the worker it ran in.
+"""
 
 from __future__ import annotations
 
@@ -39,10 +44,11 @@ def unveil(x: torch.Tensor, black_level: float, share: float = 0.0) -> torch.Ten
 
     Why: a low-frequency offset survives the forward noise (white noise hides texture, not a level), so a blend
     trigger's veil over a black background (Blended: every pixel 0.8 x + 0.2 key, the background a 0..51 haze) reads
-    to the UNet as faint content and gets re-imagined as cloth: one guided pass got 40% of blended sandals wrong
-    (12% of clean ones), mostly as bags and sneakers. The dead zone is a cousin of feature squeezing's bit-depth
-    reduction (Xu et al., NDSS 2018); gating it on the haze share leaves the dark detail of clean images alone (on
-    Fashion-MNIST a clean image has a median 5.6% of its pixels in (0, 0.2); 99% of blended ones have over 25%)."""
+    to the UNet as faint content and gets re-imagined as an object. The dead zone is a cousin of feature squeezing's
+    bit-depth reduction (Xu, Evans and Qi, "Feature Squeezing: Detecting Adversarial Examples in Deep Neural
+    Networks", NDSS 2018); gating it on the haze share leaves the dark detail of clean images alone, since a clean
+    image on a black background has few pixels in the band and a veiled one has many. Measurements:
+    docs/methods.md, Unveiling."""
     if black_level <= 0:
         return x
     below = x < 2 * black_level - 1

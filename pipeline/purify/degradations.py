@@ -1,5 +1,8 @@
 """Linear degradations A with pseudo-inverses A+ for ZIP: pool, blur, gray, and their compositions.
 
+These are the operators of DDNM's range-null-space projection (Wang et al., ICLR 2023) as ZIP (Shi et al.,
+NeurIPS 2023) uses them: A should destroy a trigger's structure while keeping enough of the image to restore it.
+
 Each operator maps (N, C, H, W) -> its measurement space; `pinv` maps back. For pool and gray A A+ = I exactly, so a
 DDNM projection x0 + A+(y - A x0) makes A(x_hat) = y exactly; blur uses a Tikhonov-regularised inverse and so is
 consistent only up to the regulariser.

@@ -32,9 +32,9 @@ def unsharp_mask(x: torch.Tensor, amount: float, sigma: float = 1.0) -> torch.Te
     """x + amount * (x - blur(x)), clamped to [-1, 1].
 
     Why a purifier wants it: few-step diffusion outputs are smoother than real data (the last step returns a
-    posterior mean), and a victim can read smoothness as a trigger: the WaNet victim, whose trigger is a bilinear
-    warp, labelled 6% of purified clean images as its target; restoring the lost high frequencies brought that
-    to 1.6% at no NFE cost."""
+    posterior mean), and a victim can read smoothness as a trigger (WaNet's trigger is a small warp applied by
+    bilinear resampling, which itself smooths). Restoring the lost high frequencies costs no UNet evaluation; its
+    effect on the benchmark is in docs/methods.md, Sharpening."""
     if amount == 0:
         return x
     return (x + amount * (x - gaussian_blur(x, sigma))).clamp(-1, 1).to(x.dtype)

@@ -1,30 +1,29 @@
 """Locate-then-guide SDEdit (ours): a stochastic SDEdit pass whose first steps are held to the input's coarse
-content, except where a quick unguided pass says the input's coarse content is not to be trusted.
+content, except where a quick unguided pass says that coarse content is not to be trusted.
 
-Why: one SDEdit pass at t 300 removes every trigger of the kit but costs 7-10 points of clean accuracy
-(the model re-imagines collars and sleeves); ZIP keeps content by replacing the range space of a degradation (an
-average pool) with the input's at every step, but so keeps any trigger that lives there (a blend's offset, a
-sinusoid, a patch's blob). Here the projection x0' = A+ y + (I - A+ A) x0 (DDNM, as in ZIP) applies only
- - on the first `guide_steps` steps, where the coarse shape is decided (later steps regenerate fine detail freely,
-   so the low-amplitude part of a blend or a sinusoid is not copied through), and
+It combines two published ideas. SDEdit (Meng et al., "SDEdit: Guided Image Synthesis and Editing with Stochastic
+Differential Equations", ICLR 2022) noises the input part-way and denoises it, which washes out a trigger but also
+re-imagines fine content. ZIP (Shi et al., "Black-box Backdoor Defense via Zero-shot Image Purification", NeurIPS
+2023) keeps content with the range-null-space projection of DDNM (Wang et al., "Zero-Shot Image Restoration Using
+Denoising Diffusion Null-Space Model", ICLR 2023), x0' = A+ y + (I - A+ A) x0, here with A a 2x2 average pool, at
+every step; that also keeps whatever part of a trigger lives in A's range (a blend's offset, a sinusoid, a patch's
+blob). Here the projection applies only
+ - on the first `guide_steps` steps, where the coarse shape is decided (the later steps regenerate fine detail
+   freely, so the low-amplitude part of a blend or a sinusoid is not copied through), and
  - on pool blocks where a cheap unguided locator pass (`locate_steps` DDIM steps from the same t) agrees with the
    input within `tau` (dilated by one block): a bright patch, which the locator removes, is never copied back.
+
 A veiled input (a blend's haze over a black background) is unveiled first with the model's domain black level (see
 base.unveil); the published methods default to none.
-Opt-in (`restart_tau`, off by default): where the locator moved a block far (by more than `restart_core`, and
-around it by more than `restart_tau`), the main pass starts from the locator's output instead of from the input.
-Why: a bright patch noised to t 300 is still a pale blob, and a few denoising steps grow it back often enough that
-the BadNets victim fires; the locator has already removed it. One pass on test images 0-999 (restart_tau 0.8):
-BadNets ASR .056 -> .032, CA .838 -> .836, Blended and WaNet PA unchanged (.831 vs .833, .815 vs .815); restarting
-every block moved by > 0.8 (no core) did as well on BadNets but cost Blended and WaNet a point of PA, since half of
-all clean images have such a block (fine texture). In the 5-pass vote a restarted clean image errs the same way in
-every pass, so the vote cannot undo it: CA -0.1..-0.4 on 1,000 bench images, but up to -1.0 on the 300 of the
-default bench, where it costs WaNet's PA bar. So it is opt-in: the setting for patch triggers (on 1,000 images the
-vote's BadNets ASR .039 -> .029).
-Cost: locate_steps + steps NFE (8 by default). Defaults: the bench's best at that cost on the embedded model; the
-output is unsharp-masked (`sharpen` 0.5, see filters.unsharp_mask) since few-step samples are smoother than data.
-Measured on 500 Fashion-MNIST test images (one pass, against SDEdit t 300 / 8 steps / eta 1, sharpened, in
-brackets): CA .844-.854 (.812-.826) on the four victims, PA on blended .742 (.719), on WaNet .820 (.766).
+
+Opt-in restart (`restart_tau`, off by default): where the locator moved a block far (by more than `restart_core`,
+and around it by more than `restart_tau`), the main pass starts from the locator's output instead of the input.
+A bright patch noised to t 300 is still a pale blob that a few denoising steps can grow back; the locator has
+already removed it. It is opt-in because a restarted clean image errs the same way in every pass of a vote, so the
+vote cannot undo it.
+
+Cost: locate_steps + steps NFE. The output is unsharp-masked (`sharpen` 0.5, see filters.unsharp_mask) since
+few-step samples are smoother than data. How the defaults were chosen and what each part buys: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -96,8 +95,9 @@ class Guided(Purifier):
     def start_point(self, x: torch.Tensor, located: torch.Tensor) -> torch.Tensor:
         """What the main pass noises: the input, except on blocks the locator moved by more than `restart_tau`
         (dilated by one block) within two blocks of one it moved by more than `restart_core`, where it is the
-        locator's output. The core is a hysteresis (as in Canny's edges): half of all clean images have a block
-        moved by > 0.8 (fine texture), one in ten by > 1.2, while a removed patch moves its blocks by 1.5-2."""
+        locator's output. The core is a hysteresis (as in Canny's edge detector): fine texture of clean images often
+        moves a block past `restart_tau` but seldom past the core, while a removed patch moves its blocks past both
+        (measured in docs/methods.md, Restart)."""
         if self.restart_tau is None:
             return x
         diff = self.block_diff(x, located)

@@ -1,4 +1,8 @@
-"""Named diffusion-model presets and loading of a diffusers UNet2DModel + DDPM schedule (safetensors only)."""
+"""Named diffusion-model presets and loading of a diffusers UNet2DModel + DDPM schedule (safetensors only).
+
+Every purifier runs on a noise-predicting UNet and the discrete schedule it was trained with (DDPM: Ho, Jain and
+Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020); only `alphas_cumprod` of the schedule is used.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ class ModelPreset:
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in (
-        # black_level / veil_share: picked on test images 0-499 (dead zones 25..70 / 255, shares .15-.25 tried),
-        # checked on images 500-999 (README, Results).
+        # black_level / veil_share: picked on one half of the test set and checked on another (docs/methods.md,
+        # Unveiling).
         ModelPreset("fmnist-tiny", "fmnist-ddpm", 28, 1, "embedded: trained here on Fashion-MNIST", black_level=0.2,
                     veil_share=0.2),
         ModelPreset("ddpm-cifar10-32", "google/ddpm-cifar10-32", 32, 3, "hub: CIFAR-10 DDPM (needs network)"),
@@ -93,11 +97,15 @@ def load_model(name_or_path: str = "fmnist-tiny", device: str | torch.device = "
                 f"cannot load diffusion model {name_or_path!r}: {weights} has pickled weights only "
                 f"({', '.join(pickled)}), which are refused because unpickling can run code; only safetensors "
                 "weights are loaded (convert with safetensors.torch.save_file)")
+    # low_cpu_mem_usage=False: the default (True) needs `accelerate`, which this project does not depend on;
+    # without it diffusers falls back to False anyway, after a warning on every load that a user cannot act on.
+    # These UNets are small enough to materialise on the CPU first.
+    load = {"use_safetensors": True, "low_cpu_mem_usage": False}
     try:
-        unet = UNet2DModel.from_pretrained(source, subfolder=sub, use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(source, subfolder=sub, **load)
     except OSError as exc:
         if sub == "unet" and not is_local:
-            unet = UNet2DModel.from_pretrained(source, use_safetensors=True)
+            unet = UNet2DModel.from_pretrained(source, **load)
         else:
             raise FileNotFoundError(f"cannot load diffusion model {name_or_path!r} from {source!r}: {exc}") from exc
     try:

@@ -1,5 +1,7 @@
-"""SampDetox: a weak global noise-and-denoise pass, then strong *local* noise where the SSIM map says the first pass
-changed the image, denoised again with each pixel joining the reverse process at its own level.
+"""SampDetox (Yang et al., "SampDetox: Black-box Backdoor Defense via Perturbation-based Sample Detoxification",
+NeurIPS 2024): a weak global noise-and-denoise pass, then strong *local* noise where the SSIM map (Wang et al., IEEE
+TIP 2004; see ssim.py) says the first pass changed the image, denoised again with each pixel joining the reverse
+process at its own level floor((1 - S) t2).
 
 Defaults are the paper's (t1 = 20, t2 = 120, full DDPM steps, on the model's own schedule). Departures from the
 public code, on purpose: noise is drawn per image (seeded by key), stage 2 is vectorised with masks (no per-pixel
@@ -10,8 +12,8 @@ whose map asks for no strong noise skip the UNet in stage 2, so NFE is counted p
 changes and so never locates: a *strong* first pass only to locate (whatever it removed, a bright patch included,
 shows in the SSIM map), then stage 2 starts from the *input* (`start="input"`), so pixels the map leaves alone
 come back unchanged and the image keeps its meaning, and pixels that have not joined yet are re-noised to the
-loop's current level each step (`pin="renoise"`, as in differential diffusion), so the UNet always sees one
-consistent noise level.
+loop's current level each step (`pin="renoise"`, as in differential diffusion: Levin and Fried, "Differential
+Diffusion: Giving Each Pixel Its Strength", 2023), so the UNet always sees one consistent noise level.
 """
 
 from __future__ import annotations
@@ -115,8 +117,8 @@ class SampDetox(Purifier):
 class LocalRepair(SampDetox):
     """Strong global pass to locate, local repair from the input (see the module docstring). 14 NFE by default.
 
-    t2 = 500 rather than 400: on the benchmark it takes BadNets' ASR from .067 to .027 for 3 points of CA, which
-    the cascade's vote wins back."""
+    t2 defaults to 500 rather than 400: the deeper local noise removes more of a patch for a few points of clean
+    accuracy, which a vote over several passes wins back (numbers: docs/methods.md, Repair)."""
 
     name = "repair"
 

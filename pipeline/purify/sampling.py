@@ -1,10 +1,15 @@
 """The shared few-step reverse loop: per-image seeded noise, a DDIM/DDPM step, an optional DDNM projection hook.
 
+The forward process is DDPM's (Ho, Jain and Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020), the
+reverse step DDIM's (Song, Meng and Ermon, "Denoising Diffusion Implicit Models", ICLR 2021), which takes strided
+steps on the same trained model and, with eta = 1 between consecutive states, is DDPM's ancestral step.
+
 State convention: state t in 0..T counts forward noising steps, so x_t = sqrt(abar(t)) x_0 + sqrt(1 - abar(t)) eps
-with abar(0) = 1 and abar(t) = alphas_cumprod[t - 1]; the UNet is called with timestep t - 1. Then "t_start = 250,
-steps = 10" costs exactly 10 UNet evaluations (NFE) and ends on a clean state. A step is written here rather than
-taken from a diffusers scheduler because ZIP must edit the x0 prediction inside the step and SampDetox needs a
-different noise level per pixel; neither fits `scheduler.step`.
+(DDPM Eq. 4) with abar(0) = 1 and abar(t) = alphas_cumprod[t - 1]; the UNet is called with timestep t - 1. Then
+"t_start = 250, steps = 10" costs exactly 10 UNet evaluations (NFE) and ends on a clean state. A step is written here
+rather than taken from a diffusers scheduler because ZIP must edit the x0 prediction inside the step and SampDetox
+needs a different noise level per pixel; neither fits `scheduler.step`. tests/test_purify.py checks that the step
+equals diffusers' `DDIMScheduler.step` (and, at eta 1 on consecutive states, `DDPMScheduler.step`) on the same inputs.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def state_grid(t_start: int, steps: int) -> list[int]:
 
 
 def q_sample(model: DiffusionModel, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Noise x0 to state t in one draw, q(x_t | x_0) (DDPM Eq. 4); t may be a per-pixel integer tensor."""
     a = abar(model, t)
     if a.ndim:
         a = a.to(x0.device)
@@ -71,6 +77,7 @@ def q_sample(model: DiffusionModel, x0: torch.Tensor, t: int | torch.Tensor, noi
 
 
 def predict_eps(model: DiffusionModel, x: torch.Tensor, t: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The UNet's noise prediction eps_theta(x_t, t) (one NFE per image), optionally under autocast to `dtype`."""
     ts = torch.full((x.shape[0],), t - 1, device=x.device, dtype=torch.long)
     if dtype != torch.float32:
         with torch.autocast(device_type=x.device.type, dtype=dtype):
@@ -87,12 +94,22 @@ def ddim_step(
     noise: torch.Tensor | None,
     project: Projection | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step (eta = 1 on consecutive states is DDPM's ancestral step). Returns (x_prev, x0_pred)."""
+    """One generalized DDIM step from state t to t_prev (DDIM Eq. 12, as diffusers' `DDIMScheduler.step`):
+
+        x0_pred = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                         "predicted x0", clamped to [-1, 1]
+        sigma   = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)     Eq. 16
+        x_prev  = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma^2) eps + sigma z
+
+    a_t, a_prev are alpha_bar at the two states, z is `noise`. eta = 0 is deterministic DDIM; eta = 1 on
+    consecutive states is DDPM's ancestral step (posterior of DDPM Eq. 6-7, variance beta-tilde). `project`, if
+    given, replaces x0_pred (DDNM's range-null-space step, used by ZIP and guided) and eps is re-derived from the
+    projected x0 so the direction term stays consistent with it. Returns (x_prev, x0_pred)."""
     x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
     if project is not None:
         x0 = project(x0)
         eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # the noise consistent with the projected x0 (DDNM)
     sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+    # clamp: rounding can make 1 - a_prev - sigma^2 a hair negative at eta 1 onto the clean state
     x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
     if eta > 0 and noise is not None:
         x_prev = x_prev + sigma * noise

@@ -1,4 +1,11 @@
-"""SDEdit / DiffPure baseline: noise every image to state t_start, then denoise in a few DDIM steps."""
+"""SDEdit / DiffPure baseline: noise every image to state t_start, then denoise in a few DDIM steps.
+
+SDEdit (Meng et al., "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations", ICLR 2022)
+edits an image by diffusing it part-way and reversing; DiffPure (Nie et al., "Diffusion Models for Adversarial
+Purification", ICML 2022) uses the same forward-then-reverse pass to wash out adversarial perturbations, here
+backdoor triggers. t_start trades removal (a trigger must drown in the noise) against content (the model
+re-imagines what drowned). The reverse pass is sampling.reverse: DDIM steps, stochastic when eta > 0.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Batched SSIM map in torch (Gaussian window, sigma 1.5), matching skimage's structural_similarity(full=True,
-gaussian_weights=True, use_sample_covariance=False). Torch rather than skimage so it runs on the purifier's device
-without a host round trip; tests check it against skimage."""
+gaussian_weights=True, use_sample_covariance=False).
+
+SSIM is Wang, Bovik, Sheikh and Simoncelli, "Image Quality Assessment: From Error Visibility to Structural
+Similarity", IEEE TIP 2004 (Eq. 13, with their constants K1 = 0.01, K2 = 0.03); SampDetox reads its per-pixel map
+to find where a first purification pass changed the image. Torch rather than skimage so it runs on the purifier's
+device without a host round trip; tests check it against skimage."""
 
 from __future__ import annotations
 

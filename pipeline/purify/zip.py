@@ -1,4 +1,6 @@
-"""ZIP: degrade with a linear A that breaks the trigger, restore zero-shot with DDNM range-null-space steps.
+"""ZIP (Shi et al., "Black-box Backdoor Defense via Zero-shot Image Purification", NeurIPS 2023): degrade with a
+linear A that breaks the trigger, restore zero-shot with DDNM range-null-space steps (Wang et al., "Zero-Shot Image
+Restoration Using Denoising Diffusion Null-Space Model", ICLR 2023).
 
 At every step the x0 prediction keeps only its null-space part and takes its range-space part from the measurement:
 x0' = A+ y + (I - A+ A) x0. Starting from a noised A+ y at an intermediate state (not pure noise) is what makes a
@@ -49,7 +51,7 @@ class ZIP(Purifier):
         return [self.op]
 
     def projection(self, x: torch.Tensor):
-        """The DDNM hook for measurements of x, and A+ y (the starting point)."""
+        """The DDNM hook for measurements y = A x (x0 -> A+ y + (I - A+ A) x0), and A+ y (the starting point)."""
         ops = self._ops()
         ys = [op(x) for op in ops]
         backs = [op.pinv(y).expand_as(x) for op, y in zip(ops, ys)]
