@@ -66,7 +66,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     alerts = run_audit(cfg, Path(args.report) if args.report else None, previous=args.previous,
-                       sample=args.sample, thresholds=json.loads(args.thresholds) if args.thresholds else None)
+                       sample=args.sample, thresholds=json.loads(args.thresholds) if args.thresholds else None,
+                       overwrite=args.overwrite)
     return 3 if alerts else 0
 
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--previous", help="previous report.json for the trend")
     p.add_argument("--sample", type=int, help="audit a sample of N images")
     p.add_argument("--thresholds", help='JSON, e.g. {"max_class_replaced_rate": 0.3}; crossing one exits 3')
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output.uri / report folder that already holds data (refused otherwise)")
     _common(p)
     p.set_defaults(fn=cmd_audit)
 

@@ -11,7 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.purify.models import REPO_ROOT
+from pipeline.audit.thresholds import Thresholds
+from pipeline.paths import shipped_path
 
 METHODS = ("none", "sdedit", "zip", "sampdetox", "repair", "guided", "cascade")
 
@@ -114,7 +115,7 @@ class AuditConfig(_Section):
     report_uri: str | None = None  # where report.json/html go (default: <output.uri>/_report)
     previous: str | None = None  # an earlier report.json (local or s3://) for the trend
     publish_latest: str | None = None  # also write report.json here, to be the next run's `previous`
-    thresholds: dict[str, float] = Field(default_factory=dict)  # see pipeline.audit.report.THRESHOLD_KEYS
+    thresholds: Thresholds = Field(default_factory=Thresholds)  # known keys and ranges: pipeline/audit/thresholds.py
     sample: int | None = Field(default=None, ge=1, le=10**9)  # audit the first N images of the source
 
 
@@ -157,9 +158,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML job file (optional), apply `a.b=value` overrides, validate once."""
     tree: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
-            p = REPO_ROOT / p
+        p = shipped_path(path)
         tree = yaml.safe_load(p.read_text()) or {}
         if not isinstance(tree, dict):
             raise ValueError(f"{path}: a job config must be a YAML mapping")

@@ -18,8 +18,8 @@ from pipeline.blackbox import open_blackbox
 from pipeline.blackbox.base import InputSpec, Prediction
 from pipeline.datasets import load_dataset
 from pipeline.metrics import attack_metrics, flag_confusion
+from pipeline.paths import REPO_ROOT
 from pipeline.purify import Cascade, Purifier, build_purifier, load_model
-from pipeline.purify.models import REPO_ROOT
 
 VICTIMS_DIR = REPO_ROOT / "models" / "victims"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow.dataset as pads
@@ -24,9 +23,9 @@ import pyarrow.fs as pafs
 from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.config import JobConfig
 from pipeline.decode import decode_batch
+from pipeline.paths import absolute_uri, shipped_path
 from pipeline.placement import PlacementError, check_placement, plan_demand
-from pipeline.purify.models import REPO_ROOT
-from pipeline.resume import release_retryable
+from pipeline.requeue import release_retryable
 from pipeline.service import ServiceHandle, start_service
 from pipeline.sink import to_output_batch
 from pipeline.sources import (
@@ -69,21 +68,9 @@ class Summary:
                 f"model busy {100 * self.unet_share:.0f}% -> {self.output}")
 
 
-def _local_abs(uri: str) -> str:
-    """Ray workers may not share the driver's working directory: make local paths absolute up front."""
-    if "://" in uri:
-        return uri
-    p = Path(uri).expanduser()
-    return str(p if p.is_absolute() else (Path.cwd() / p).resolve())
-
-
 def blackbox_uri(uri: str) -> str:
-    if uri.startswith("onnx:"):
-        path = Path(uri[5:]).expanduser()
-        if not path.is_absolute():
-            path = path.resolve() if path.exists() else (REPO_ROOT / path)
-        return f"onnx:{path}"
-    return uri
+    """An `onnx:` path made absolute (a committed victim is found from any working directory)."""
+    return f"onnx:{shipped_path(uri[5:]).resolve()}" if uri.startswith("onnx:") else uri
 
 
 def blackbox_options(cfg: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -131,23 +118,32 @@ def preflight(cfg: JobConfig) -> Preflight:
     from pipeline.purify import build_purifier, load_model
 
     s = cfg.source
-    spec = SourceSpec(uri=_local_abs(s.uri), format=s.format, image_column=s.image_column,
+    spec = SourceSpec(uri=absolute_uri(s.uri), format=s.format, image_column=s.image_column,
                       key_column=s.key_column, label_column=s.label_column, endpoint_url=s.endpoint_url,
-                      limit=s.limit)
+                      limit=s.limit, max_image_bytes=s.max_image_bytes)
     fs_in, _ = resolve_filesystem(spec.uri, spec.endpoint_url)
     info = inspect_source(spec, fs_in)
-    out_uri = _local_abs(cfg.output.uri)
+    out_uri = absolute_uri(cfg.output.uri)
     fs_out, out_path = resolve_filesystem(out_uri, cfg.output.endpoint_url)
     check_writable(fs_out, out_path)
     spec_bb, opts = blackbox_options(cfg)
     bb = open_blackbox(blackbox_uri(cfg.blackbox.uri), InputSpec(**spec_bb), **opts)
     try:
         bb.check()
+        if cfg.blackbox.query_budget != 0:
+            bb.probe()  # one tiny /infer with the job's credentials: a ready endpoint can still refuse the token
     finally:
         bb.close()
     model = load_model(cfg.model.name, "cpu")  # a bad model name or method fails here, not in 100 actors
     build_purifier(cfg.purify.method, model, cfg.purify.params)
     return Preflight(spec, fs_in, fs_out, out_path, info.id_column, model.image_size, model.channels)
+
+
+def cluster_demand(cfg: JobConfig):
+    import ray
+
+    total = ray.cluster_resources()
+    return plan_demand(cfg, total.get("GPU", 0) > 0, total.get("CPU", 0.0))
 
 
 def ensure_placeable(cfg: JobConfig) -> None:
@@ -159,13 +155,15 @@ def ensure_placeable(cfg: JobConfig) -> None:
     def alive() -> list[dict[str, float]]:
         return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
-    demand = plan_demand(cfg, ray.cluster_resources().get("GPU", 0) > 0)
+    demand = cluster_demand(cfg)
     need = cfg.resources.purify_actors
+    # Read and write tasks take a CPU each; a resumed job adds Ray's checkpoint-filter actor (1 CPU).
+    task_cpus = 2.0 if cfg.output.resume else 1.0
     deadline = time.monotonic() + cfg.resources.wait_for_nodes_s
     asked = False
     while True:
         try:
-            check_placement(demand, alive(), min_purifiers=need)
+            check_placement(demand, alive(), min_purifiers=need, task_cpus=task_cpus)
             return
         except PlacementError:
             if time.monotonic() >= deadline:
@@ -182,6 +180,8 @@ def ensure_placeable(cfg: JobConfig) -> None:
 
 def start_blackbox(cfg: JobConfig) -> ServiceHandle:
     spec, opts = blackbox_options(cfg)
+    if opts.get("query_budget"):
+        opts["query_budget"] -= 1  # preflight's probe was one billed query
     return start_service(blackbox_uri(cfg.blackbox.uri), spec, opts, cfg.resources.query_actors,
                          cfg.resources.query_cpus, cfg.blackbox.max_concurrency)
 
@@ -189,11 +189,10 @@ def start_blackbox(cfg: JobConfig) -> ServiceHandle:
 def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_size: int, model_channels: int,
                service: ServiceHandle):
     """The Ray Data plan up to (not including) the write."""
-    import ray
     from ray.data import ActorPoolStrategy
 
     r = cfg.resources
-    demand = plan_demand(cfg, ray.cluster_resources().get("GPU", 0) > 0)
+    demand = cluster_demand(cfg)
     purify_kw = {"model": cfg.model.name, "device": cfg.model.device, "dtype": cfg.model.dtype,
                  "method": cfg.purify.method, "params": dict(cfg.purify.params), "seed": cfg.purify.seed,
                  "service": service.names, "namespace": service.namespace, "torch_threads": r.torch_threads}
@@ -260,7 +259,7 @@ def run_sanitize(cfg: JobConfig) -> Summary:
     retried = 0
     if cfg.output.resume and id_col:
         # A URI, not the filesystem path: checkpoint_config resolves it against fs_out itself.
-        out_uri = _local_abs(cfg.output.uri).rstrip("/")
+        out_uri = absolute_uri(cfg.output.uri).rstrip("/")
         retried = release_retryable(fs_out, out_path, f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}", id_col).rows
         ctx.checkpoint_config = checkpoint_config(spec, f"{out_uri}/{CHECKPOINT_DIR}", fs_out)
     else:
@@ -303,7 +302,7 @@ def run_sanitize(cfg: JobConfig) -> Summary:
     flagged = int(sum(1 for f in table["flagged"].to_pylist() if f))
     retryable = int(sum(1 for f in table["retryable"].to_pylist() if f)) if "retryable" in table.column_names else 0
     nfe = table["nfe"].to_numpy()
-    this_run = total - before + retried
+    this_run = total - before  # `before` was counted after the retryable rows left the output
     s = Summary(rows_total=total, rows_this_run=this_run, errors=errors, flagged=flagged,
                 mean_nfe=float(nfe.mean()) if total else 0.0, seconds=seconds,
                 images_per_s=this_run / seconds if seconds > 0 else 0.0, output=cfg.output.uri,

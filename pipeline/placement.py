@@ -39,19 +39,26 @@ class PlanDemand:
                 f" + {self.blackbox_actors} black-box actor(s) x {self.cpus_per_blackbox:g} CPU")
 
 
-def plan_demand(cfg: JobConfig, cluster_has_gpus: bool) -> PlanDemand:
-    """The actors a job config asks for; `cluster_has_gpus` decides what `gpus_per_actor: null` means."""
+SMALL_CLUSTER_CPUS = 4  # below this, a GPU purifier reserves no CPU: Ray Data's own tasks need the few there are
+
+
+def plan_demand(cfg: JobConfig, cluster_has_gpus: bool, cluster_cpus: float | None = None) -> PlanDemand:
+    """The actors a job config asks for; `cluster_has_gpus` decides what `gpus_per_actor: null` means, and
+    `cluster_cpus` (the cluster's logical CPUs, None: plenty) what `purify_cpus: null` means for a GPU purifier."""
     r = cfg.resources
     gpus = r.gpus_per_actor if r.gpus_per_actor is not None else (1.0 if cluster_has_gpus else 0.0)
-    cpus = r.purify_cpus if r.purify_cpus is not None else (1.0 if gpus > 0 else 0.0)
+    roomy = cluster_cpus is None or cluster_cpus >= SMALL_CLUSTER_CPUS
+    cpus = r.purify_cpus if r.purify_cpus is not None else (1.0 if gpus > 0 and roomy else 0.0)
     return PlanDemand(purifiers=r.max_purify_actors or r.purify_actors, gpus_per_purifier=gpus,
                       cpus_per_purifier=cpus, blackbox_actors=r.query_actors, cpus_per_blackbox=r.query_cpus)
 
 
 def check_placement(demand: PlanDemand, nodes: Sequence[Mapping[str, float]],
-                    can_add: Sequence[tuple[Mapping[str, float], int]] = (), min_purifiers: int = 1) -> None:
+                    can_add: Sequence[tuple[Mapping[str, float], int]] = (), min_purifiers: int = 1,
+                    task_cpus: float = 1.0) -> None:
     """Raise PlacementError unless `min_purifiers` purify actors and every black-box actor fit on `nodes` (each a
-    node's total resources) plus `can_add` (node shapes an autoscaler may still start, with how many of each).
+    node's total resources) plus `can_add` (node shapes an autoscaler may still start, with how many of each), with
+    `task_cpus` logical CPUs left for Ray Data's own operators (reading, writing, the resume filter: 1 CPU each).
 
     First-fit, largest nodes first: enough for actors of one or two shapes."""
     free = [dict(n) for n in nodes]
@@ -83,5 +90,9 @@ def check_placement(demand: PlanDemand, nodes: Sequence[Mapping[str, float]],
             missing.append(f"black-box actor {i + 1} of {demand.blackbox_actors} ({demand.cpus_per_blackbox:g} CPU) "
                            "does not fit on any node: lower resources.query_actors or resources.query_cpus")
             break
+    left = sum(max(0.0, n.get("CPU", 0.0)) for n in free)
+    if not missing and left + 1e-9 < task_cpus:
+        missing.append(f"{task_cpus:g} CPU(s) for Ray Data's read / write / resume tasks, but the actors leave "
+                       f"{left:g}: lower resources.purify_cpus or resources.query_cpus, or add CPUs")
     if missing:
         raise PlacementError("this plan can never be placed on the cluster: " + "; ".join(missing))

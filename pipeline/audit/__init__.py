@@ -1,9 +1,19 @@
-"""Audit report over the pipeline's Parquet output: JSON for machines, one self-contained HTML page for people."""
+"""Audit report over the pipeline's Parquet output: JSON for machines, one self-contained HTML page for people.
 
-from pipeline.audit.report import build_report, check_previous, evaluate_thresholds, load_output
-from pipeline.audit.thresholds import THRESHOLD_KEYS, ThresholdError, Thresholds, parse_thresholds
+Names load on first use, so that reading a job config (which validates audit thresholds) imports no plotting."""
 
-__all__ = [
-    "THRESHOLD_KEYS", "ThresholdError", "Thresholds", "build_report", "check_previous", "evaluate_thresholds",
-    "load_output", "parse_thresholds",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_WHERE = {"build_report": "report", "check_previous": "report", "evaluate_thresholds": "report",
+          "load_output": "report", "THRESHOLD_KEYS": "thresholds", "ThresholdError": "thresholds",
+          "Thresholds": "thresholds", "parse_thresholds": "thresholds"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'pipeline.audit' has no attribute {name!r}")
+    return getattr(import_module(f"pipeline.audit.{_WHERE[name]}"), name)

@@ -80,7 +80,8 @@ def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | No
               sample: int | None = None, thresholds: dict | None = None, overwrite: bool = False) -> list[str]:
     """Sanitize a sample, write the report, return its alerts. `overwrite` lets the audit replace an output folder
     and report files that already exist; without it, they make the audit fail before any work."""
-    from pipeline.job import _local_abs, run_sanitize
+    from pipeline.job import run_sanitize
+    from pipeline.paths import absolute_uri
 
     a = cfg.audit
     checked = parse_thresholds(thresholds if thresholds is not None else a.thresholds)
@@ -93,9 +94,9 @@ def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | No
     cfg.output.resume = False  # an audit is a fresh sample, never a continuation
     if sample:
         cfg.source.limit = sample
-    out_uri = _local_abs(cfg.output.uri)
+    out_uri = absolute_uri(cfg.output.uri)
     prev_uri = previous or a.previous
-    prev = read_previous(_local_abs(prev_uri), cfg.output.endpoint_url) if prev_uri else None
+    prev = read_previous(absolute_uri(prev_uri), cfg.output.endpoint_url) if prev_uri else None
     local = Path(report_dir) if report_dir else Path("out/audit-report")
     existing = [local / n for n in REPORT_FILES if (local / n).exists()]
     if existing and not overwrite:
@@ -112,7 +113,7 @@ def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | No
         _write(remote, cfg.output.endpoint_url, files)
     if a.publish_latest:
         # The one file an audit overwrites on purpose: the user named it as the next run's `previous`.
-        fs, path = resolve_filesystem(_local_abs(a.publish_latest), cfg.output.endpoint_url)
+        fs, path = resolve_filesystem(absolute_uri(a.publish_latest), cfg.output.endpoint_url)
         if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders to create
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         with fs.open_output_stream(path) as f:

@@ -169,6 +169,9 @@ class V2TestServer:
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self.requests = 0
+        self.images = 0  # images answered (what an endpoint's owner bills)
+        self.arrivals: list[float] = []  # time.monotonic() of each infer request
+        self.down_until = 0.0  # time.monotonic() until which every infer request gets a 503 (an outage)
         self.counts: Counter[str] = Counter()
         self.headers_seen: dict[str, str] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -184,6 +187,7 @@ class V2TestServer:
         with self._lock:
             i = self.requests
             self.requests += 1
+            self.arrivals.append(time.monotonic())
             # both draws happen for every request so the schedule of request i never depends on earlier outcomes
             u, m = self._rng.random(), self._rng.integers(len(self.modes)) if self.modes else 0
             if i < len(self.schedule):
@@ -193,10 +197,16 @@ class V2TestServer:
             self.counts[outcome] += 1
             return outcome
 
+    def outage(self, seconds: float) -> None:
+        """From now on, for `seconds`, answer every infer request with 503 (the endpoint is down)."""
+        self.down_until = time.monotonic() + seconds
+
     def infer(self, body: dict) -> dict:
         inp = body["inputs"][0]
         x = np.asarray(inp["data"], dtype=np.float32).reshape(inp["shape"])
         out = self.model.sess.run(None, {self.model.inp: x})[0]
+        with self._lock:
+            self.images += len(x)
         return {"model_name": self.model_name, "id": body.get("id"),
                 "outputs": [{"name": self.model.out, "shape": list(out.shape), "datatype": "FP32",
                              "data": out.ravel().tolist()}]}
@@ -241,7 +251,7 @@ class V2TestServer:
                         msg = f"unauthorized: got {k}={self.headers.get(k)}" if server.echo_headers else "unauthorized"
                         self._json(401, {"error": msg})
                         return
-                outcome = server._next_outcome()
+                outcome = server._next_outcome() if time.monotonic() >= server.down_until else "503"
                 try:
                     if outcome == "503":
                         self._json(503, {"error": "overloaded"})

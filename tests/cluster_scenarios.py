@@ -1,0 +1,116 @@
+"""Cluster shapes a test cannot build inside the test session's own Ray: each scenario runs in a fresh process
+(`python -m tests.cluster_scenarios NAME WORKDIR`), starts its own Ray with logical GPUs, and prints one JSON line
+of facts for the test to check. Logical GPUs place actors exactly as a GPU cluster would; the work runs on CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from pipeline.config import load_config
+from pipeline.job import run_sanitize
+from pipeline.placement import PlacementError
+from tests.plugins.s3 import make_fmnist_shards
+
+# The default method (the vote) with its default parameters; only the device is pinned, since these GPUs are logical.
+DEFAULT_VOTE = ["model.device=cpu", "resources.purify_batch_size=16", "resources.decode_batch_size=16",
+                "resources.query_batch_size=16"]
+
+
+def keys_in(out: Path) -> list[str]:
+    return pads.dataset(str(out), format="parquet").to_table(columns=["key"])["key"].to_pylist()
+
+
+def errors_in(out: Path) -> int:
+    t = pads.dataset(str(out), format="parquet").to_table(columns=["error"])
+    return t.num_rows - t["error"].null_count
+
+
+def purify_actors_started() -> int:
+    import ray
+
+    return sum(1 for a in ray._private.state.actors().values() if "PurifyStage" in a["ActorClassName"])
+
+
+def one_gpu(work: Path) -> dict:
+    """ray.init(num_gpus=1): the default vote on one logical GPU, then a plan asking 2 GPUs per purifier."""
+    import ray
+
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(work / "src"), n_shards=2, per_shard=12, fmt="parquet")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    cfg = load_config(overrides=[f"source.uri={src.root}", f"output.uri={work / 'out'}", *DEFAULT_VOTE])
+    summary = run_sanitize(cfg)
+    facts = {"expected": sorted(src.expected), "keys": keys_in(work / "out"), "errors": errors_in(work / "out"),
+             "purify_actors": purify_actors_started(), "method": cfg.purify.method, "mean_nfe": summary.mean_nfe}
+    t0 = time.monotonic()
+    try:
+        run_sanitize(load_config(overrides=[f"source.uri={src.root}", f"output.uri={work / 'out2'}", *DEFAULT_VOTE,
+                                            "resources.gpus_per_actor=2"]))
+        facts["placement_error"] = None
+    except PlacementError as e:
+        facts["placement_error"] = str(e)
+    facts["placement_seconds"] = time.monotonic() - t0
+    facts["out2_written"] = (work / "out2").exists() and any((work / "out2").glob("*.parquet"))
+    return facts
+
+
+def three_nodes(work: Path) -> dict:
+    """The shape of cluster/raycluster.yaml: a head with 0 CPUs, a node with 1 GPU, a CPU node. The default vote
+    runs; then the GPU node is removed mid-job and a fresh one added: the job finishes, or a rerun does."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(work / "src"), n_shards=4, per_shard=12, fmt="parquet")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    base = [f"source.uri={src.root}", *DEFAULT_VOTE, "resources.max_block_kib=16"]
+    run_sanitize(load_config(overrides=[*base, f"output.uri={work / 'out'}"]))
+    facts: dict = {"expected": sorted(src.expected), "keys": keys_in(work / "out"),
+                   "errors": errors_in(work / "out")}
+
+    out = work / "lost"
+    cfg = load_config(overrides=[*base, f"output.uri={out}"])
+    result: dict = {}
+
+    def job() -> None:
+        try:
+            run_sanitize(cfg)
+            result["ok"] = True
+        except Exception as e:  # noqa: BLE001 - the scenario reports what happened; the test decides
+            result["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+
+    t = threading.Thread(target=job)
+    t.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and t.is_alive() and not list(out.glob("*.parquet")):
+        time.sleep(0.1)
+    facts["removed_mid_job"] = t.is_alive()
+    cluster.remove_node(gpu_node)
+    cluster.add_node(num_cpus=2, num_gpus=1)
+    t.join(timeout=600)
+    facts["first_run"] = result
+    runs = 1
+    while runs < 3 and (not result.get("ok") or errors_in(out)):
+        run_sanitize(cfg)  # a rerun resumes: retryable error rows and missing rows are done again
+        result = {"ok": True}
+        runs += 1
+    facts.update(runs=runs, lost_keys=keys_in(out), lost_errors=errors_in(out))
+    ray.shutdown()
+    cluster.shutdown()
+    return facts
+
+
+SCENARIOS = {"one_gpu": one_gpu, "three_nodes": three_nodes}
+
+if __name__ == "__main__":
+    name, workdir = sys.argv[1], Path(sys.argv[2])
+    print("SCENARIO " + json.dumps(SCENARIOS[name](workdir)), flush=True)

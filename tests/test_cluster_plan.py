@@ -1,0 +1,189 @@
+"""The plan on cluster shapes users run: one diffusion model per GPU whatever the method, a black-box service whose
+limits are the whole job's, placement that fails fast, and resume that retries what failed for a passing reason.
+
+Cluster shapes with logical GPUs run in their own process (tests/cluster_scenarios.py); the rest use the session's
+local Ray and real HTTP servers on 127.0.0.1 (tests/plugins/blackbox.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.blackbox.base import BUDGET_EXHAUSTED
+from pipeline.config import load_config
+from pipeline.job import run_sanitize
+from pipeline.placement import PlacementError, PlanDemand, check_placement
+from pipeline.service import split_limits
+from pipeline.stages import GpuMismatchError, check_gpu
+from tests.plugins.s3 import make_fmnist_shards
+from tests.test_pipeline_e2e import CASCADE, FAST, assert_exactly_once, read_output
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scenario(name: str, work: Path, timeout_s: float = 900) -> dict:
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "tests.cluster_scenarios", name, str(work)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("SCENARIO ")]
+    assert done.returncode == 0 and lines, (done.stdout[-2000:], done.stderr[-4000:])
+    return json.loads(lines[-1][len("SCENARIO "):])
+
+
+def test_default_vote_on_one_logical_gpu_and_a_plan_that_cannot_be_placed(tmp_path):
+    f = scenario("one_gpu", tmp_path)
+    assert f["method"] == "cascade"  # the default method, with its default parameters
+    assert sorted(f["keys"]) == f["expected"] and f["errors"] == 0
+    assert f["purify_actors"] == 1, "the vote must run in one purify pool: one model on the one GPU"
+    assert f["mean_nfe"] > 8  # the vote really ran more than one pass somewhere
+    # 2 GPUs per purifier on a 1-GPU cluster: refused in preflight, in seconds, saying what to change.
+    assert f["placement_error"] and "gpus_per_actor" in f["placement_error"], f["placement_error"]
+    assert f["placement_seconds"] < 10 and not f["out2_written"]
+
+
+def test_head_without_cpus_one_gpu_node_one_cpu_node_and_losing_the_gpu_node(tmp_path):
+    f = scenario("three_nodes", tmp_path)
+    assert sorted(f["keys"]) == f["expected"] and f["errors"] == 0
+    assert f["removed_mid_job"], "the GPU node must be removed while the job runs"
+    assert sorted(f["lost_keys"]) == f["expected"], "every key exactly once after the node loss (and a rerun)"
+    assert f["lost_errors"] == 0, f["first_run"]
+
+
+# -- the black-box service: job-wide limits ---------------------------------------------------------------------
+
+
+def test_budget_is_the_whole_jobs_and_a_rerun_with_more_finishes(ray_local, tmp_path, flaky_v2_server):
+    srv = flaky_v2_server(fail_rate=0.0)
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=4, per_shard=10, fmt="parquet")
+    base = [f"source.uri={src.root}", f"output.uri={tmp_path / 'out'}", f"blackbox.uri={srv.url}",
+            "purify.method=cascade", CASCADE, *FAST[1:], "resources.purify_actors=2", "resources.max_block_kib=16",
+            "blackbox.max_concurrency=2"]
+    budget = 50  # the 40 originals alone need 40 queries, their first passes 40 more: the budget runs out mid-job
+    first = run_sanitize(load_config(overrides=[*base, f"blackbox.query_budget={budget}"]))
+    assert srv.images <= budget, f"the server answered {srv.images} images on a budget of {budget}"
+    assert first.budget_rejected > 0 and first.retryable > 0
+    table = read_output(pafs.LocalFileSystem(), str(tmp_path / "out"))
+    assert_exactly_once(table, src.expected)
+    rows = table.to_pylist()
+    refused = [r for r in rows if r["error"]]
+    assert refused and all(BUDGET_EXHAUSTED in r["error"] and r["retryable"] for r in refused)
+    assert all(r["pred_purified"] is None for r in refused)  # a vote cut short is no vote
+
+    billed = srv.images
+    second = run_sanitize(load_config(overrides=[*base, "blackbox.query_budget=10000"]))
+    table = read_output(pafs.LocalFileSystem(), str(tmp_path / "out"))
+    assert_exactly_once(table, src.expected)
+    assert table["error"].null_count == table.num_rows, "a rerun with budget left must finish every refused row"
+    assert second.retried == len(refused)
+    # Only the refused rows were asked about again (original and at most k = 2 passes each, plus the probe).
+    assert srv.images - billed <= 1 + len(refused) * 3
+
+
+def test_rate_limit_is_the_whole_jobs_over_several_service_actors(ray_local, tmp_path, flaky_v2_server):
+    srv = flaky_v2_server(fail_rate=0.0)
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=2, per_shard=12, fmt="parquet")
+    qps = 5.0
+    run_sanitize(load_config(overrides=[
+        f"source.uri={src.root}", f"output.uri={tmp_path / 'out'}", f"blackbox.uri={srv.url}", "purify.method=sdedit",
+        *FAST, "resources.purify_batch_size=2", "blackbox.max_batch_size=2", "resources.query_actors=2",
+        "blackbox.max_concurrency=2", f"blackbox.rate_limit_qps={qps}"]))
+    t = np.array(srv.arrivals[1:])  # after preflight's probe
+    assert len(t) >= 12
+    # Two actors, each at half the rate: in any window, no more requests than the job-wide rate allows (+1 each).
+    for i in range(len(t) - 6):
+        window = t[i + 6] - t[i]
+        assert window >= (6 - 2) / qps - 0.05, f"7 requests within {window:.2f}s at a {qps} qps limit"
+
+
+# -- resume retries what failed for a passing reason, and only that ---------------------------------------------
+
+
+def test_fault_run_outage_and_flaky_black_box_then_rerun_labels_every_row(ray_local, tmp_path, flaky_v2_server):
+    """A black box failing 20% of calls and down for 30 s mid-job: run 1 leaves retryable error rows, the rerun
+    labels every row; a row whose own image is broken stays an error and is not retried."""
+    srv = flaky_v2_server(fail_rate=0.2, modes=("503", "reset"))
+    fs = pafs.LocalFileSystem()
+    src = make_fmnist_shards(fs, str(tmp_path / "src"), n_shards=4, per_shard=16, fmt="parquet")
+    broken = pa.table({"key": ["broken-0"], "image": [b"not an image"], "label": pa.array([1], pa.int64())})
+    pq.write_table(broken, str(Path(src.root) / "broken.parquet"))
+    expected = {**src.expected, "broken-0": 1}
+    budget = 100_000
+    cfg = load_config(overrides=[
+        f"source.uri={src.root}", f"output.uri={tmp_path / 'out'}", f"blackbox.uri={srv.url}", "purify.method=sdedit",
+        *FAST, "resources.purify_batch_size=8", "blackbox.max_batch_size=8", "resources.max_block_kib=16",
+        "blackbox.timeout_s=2", "blackbox.retries=4", f"blackbox.query_budget={budget}"])
+
+    def outage_mid_job() -> None:
+        while srv.requests < 6:
+            time.sleep(0.05)
+        srv.outage(30.0)
+
+    threading.Thread(target=outage_mid_job, daemon=True).start()
+    first = run_sanitize(cfg)
+    after_1 = read_output(fs, str(tmp_path / "out"))
+    errors_1 = after_1.num_rows - after_1["error"].null_count
+    while time.monotonic() < srv.down_until:  # the user reruns once the endpoint is back
+        time.sleep(0.5)
+    second = run_sanitize(cfg)
+    after_2 = read_output(fs, str(tmp_path / "out"))
+    assert_exactly_once(after_2, expected)
+    rows = {r["key"]: r for r in after_2.to_pylist()}
+    errors_2 = [k for k, r in rows.items() if r["error"]]
+    print(f"\nfault run: rows {len(expected)}, error rows after run 1 {errors_1} (retryable {first.retryable}), "
+          f"after run 2 {len(errors_2)}, duplicates {after_2.num_rows - len(set(rows))}, "
+          f"queries {first.queries} + {second.queries} of a budget of {budget} per run")
+    assert first.retryable > 0, "the outage must have cost run 1 some rows"
+    assert errors_2 == ["broken-0"], errors_2  # every other row labelled after the rerun
+    assert rows["broken-0"]["retryable"] is False
+    assert all(r["pred_purified"] is not None for k, r in rows.items() if k != "broken-0")
+    assert second.retried == first.retryable and second.rows_this_run == first.retryable
+
+
+# -- the pure parts ------------------------------------------------------------------------------------------
+
+
+def test_placement_counts_gpus_cpus_and_what_ray_data_needs():
+    one_gpu_node = [{"CPU": 8.0, "GPU": 1.0}]
+    vote = PlanDemand(purifiers=1, gpus_per_purifier=1, cpus_per_purifier=1, blackbox_actors=2, cpus_per_blackbox=1)
+    check_placement(vote, one_gpu_node)
+    with pytest.raises(PlacementError, match="gpus_per_actor"):
+        check_placement(PlanDemand(1, 2, 1, 1, 0), one_gpu_node)
+    with pytest.raises(PlacementError, match="purify_actors"):
+        check_placement(PlanDemand(2, 1, 1, 1, 0), one_gpu_node, min_purifiers=2)
+    check_placement(PlanDemand(2, 1, 1, 1, 0), one_gpu_node, can_add=[({"CPU": 4.0, "GPU": 1.0}, 1)],
+                    min_purifiers=2)
+    with pytest.raises(PlacementError, match="query_actors"):  # a head with no CPUs takes no service actor
+        check_placement(PlanDemand(1, 1, 1, 1, 1), [{"CPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}])
+    with pytest.raises(PlacementError, match="read / write"):
+        check_placement(PlanDemand(1, 1, 1, 1, 0), [{"CPU": 2.0, "GPU": 1.0}], task_cpus=2)
+
+
+def test_service_splits_rate_and_concurrency_to_the_totals_and_keeps_the_budget_whole():
+    opts, budget = split_limits({"rate_limit_qps": 10.0, "max_concurrency": 8, "query_budget": 99}, 4)
+    assert opts["rate_limit_qps"] * 4 == 10.0 and opts["max_concurrency"] * 4 <= 8
+    assert budget == 99 and "query_budget" not in opts
+    with pytest.raises(ValueError, match="max_concurrency"):
+        load_config(overrides=["blackbox.uri=v2+http://127.0.0.1:1/models/m", "resources.query_actors=8",
+                               "blackbox.max_concurrency=4"])
+
+
+def test_a_gpu_that_torch_cannot_see_fails_the_actor_unless_cpu_is_asked_for():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(GpuMismatchError, match="torch"):
+        check_gpu("auto", ["0"])
+    check_gpu("cpu", ["0"])  # explicit: purify on the CPU
+    check_gpu("auto", [])  # no GPU reserved: nothing to check
