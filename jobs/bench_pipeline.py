@@ -1,7 +1,10 @@
-"""Pipeline overhead and memory: end-to-end img/s of `sanitize` vs the bare purifier loop on the same images in the
-same run, and the peak memory (PSS of the driver and every Ray process it started) at 1x and 10x the images.
+"""Pipeline overhead and memory: end-to-end img/s of `sanitize` vs the bare in-process loop of the same method on
+the same images and the same black box (decode, purify, query, decide: no Ray), in the same run; the share of the
+purify actor's wall time spent in the diffusion model; and the peak memory (PSS of the driver and every Ray process
+it started) at 1x and 10x the images.
 
-    python jobs/bench_pipeline.py --n 512 --scale 10
+    python jobs/bench_pipeline.py                      # the default method on 1,000 demo images, memory at 10x
+    python jobs/bench_pipeline.py --device cuda        # on a GPU
 """
 
 from __future__ import annotations
@@ -18,49 +21,68 @@ import psutil
 from pipeline.evaluate import PeakRSS
 
 
-def bare_loop(root: Path, method: str, params: dict, batch: int) -> float:
-    """Decode + purify the same shards in one process, no Ray: the ceiling for the pipeline."""
+def job_config(root: Path, method: str, params: dict, batch: int, device: str):
+    from pipeline.config import load_config
+
+    return load_config(overrides=[f"source.uri={root / 'shards'}", f"output.uri={root / f'out-{time.time_ns()}'}",
+                                  f"purify.method={method}", f"purify.params={json.dumps(params)}",
+                                  f"resources.purify_batch_size={batch}", f"model.device={device}",
+                                  "output.resume=false"])
+
+
+def bare_loop(root: Path, method: str, params: dict, batch: int, device: str) -> float:
+    """Decode, purify, query and decide on the same shards in one process, no Ray: the ceiling for the pipeline.
+    The same rounds as the job's stage (`cascade.drive`), the same black box."""
     import pyarrow.dataset as pads
 
+    from pipeline.blackbox import InputSpec, open_blackbox
     from pipeline.decode import decode_png
-    from pipeline.purify import build_purifier, load_model
+    from pipeline.job import blackbox_options, blackbox_uri
+    from pipeline.purify import Cascade, build_purifier, load_model
+    from pipeline.purify.cascade import drive, one_pass_steps
+    from pipeline.purify.models import pick_device
+    from pipeline.service import fit_to_spec
 
-    model = load_model("fmnist-tiny", "cpu")
-    purifier = build_purifier(method, model, params)
+    cfg = job_config(root, method, params, batch, device)
+    model = load_model(cfg.model.name, pick_device(device))
+    built = build_purifier(method, model, params)
+    spec, opts = blackbox_options(cfg)
+    bb = open_blackbox(blackbox_uri(cfg.blackbox.uri), InputSpec(**spec), **opts)
     table = pads.dataset(root / "shards", format="parquet").to_table(columns=["key", "image"])
     keys = table["key"].to_pylist()
     t0 = time.perf_counter()
     images = np.stack([decode_png(b) for b in table["image"].to_pylist()])
     for s in range(0, len(images), batch):
-        purifier(images[s: s + batch], keys[s: s + batch], 0).uint8()
+        x, k = images[s: s + batch], keys[s: s + batch]
+        if isinstance(built, Cascade):
+            built.run(x, k, cfg.purify.seed, lambda a: bb.predict(fit_to_spec(a, bb.spec)))
+        else:
+            drive(one_pass_steps(x, cfg.purify.seed), x, k, built, lambda a: bb.predict(fit_to_spec(a, bb.spec)))
     return len(images) / (time.perf_counter() - t0)
 
 
-def pipeline_run(root: Path, method: str, params: dict, batch: int) -> tuple[float, float, float]:
-    """(img/s excluding startup, wall seconds, peak PSS MiB) of the real job on the same shards."""
-    from pipeline.config import load_config
+def pipeline_run(root: Path, method: str, params: dict, batch: int, device: str):
+    """(summary, wall seconds, peak PSS MiB) of the real job on the same shards."""
     from pipeline.job import run_sanitize
 
-    out = root / f"out-{time.time_ns()}"
-    cfg = load_config(overrides=[f"source.uri={root / 'shards'}", f"output.uri={out}", f"purify.method={method}",
-                                 f"purify.params={json.dumps(params)}", f"resources.purify_batch_size={batch}",
-                                 "output.resume=false"])
+    cfg = job_config(root, method, params, batch, device)
     with PeakRSS(interval=0.5, tree=True) as mem:
         t0 = time.perf_counter()
         s = run_sanitize(cfg)
         wall = time.perf_counter() - t0
-    return s.images_per_s, wall, mem.mib
+    return s, wall, mem.mib
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--scale", type=int, default=10)
-    ap.add_argument("--method", default="sdedit")
-    ap.add_argument("--params", default='{"t_start": 250, "steps": 10}')
-    ap.add_argument("--mem-params", default='{"t_start": 250, "steps": 2}',
+    ap.add_argument("--method", default="cascade", help="default: the job's default method, the vote")
+    ap.add_argument("--params", default="{}", help="JSON; default: the method's own defaults")
+    ap.add_argument("--mem-params", default='{"t_start": 100, "steps": 2, "locate_steps": 1, "guide_steps": 1}',
                     help="cheaper setting for the memory runs (memory does not depend on NFE)")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     import ray
     import torch
@@ -74,14 +96,17 @@ def main() -> None:
         build_demo_shards(small, n=args.n, n_shards=4)
         build_demo_shards(big, n=args.n * args.scale, n_shards=4 * args.scale)
         torch.set_num_threads(psutil.cpu_count())
-        bare = bare_loop(small, args.method, params, args.batch)
-        e2e, wall, _ = pipeline_run(small, args.method, params, args.batch)
-        _, _, mem1 = pipeline_run(small, args.method, mem_params, args.batch)
-        _, wall10, mem10 = pipeline_run(big, args.method, mem_params, args.batch)
+        bare = bare_loop(small, args.method, params, args.batch, args.device)
+        s, wall, _ = pipeline_run(small, args.method, params, args.batch, args.device)
+        _, _, mem1 = pipeline_run(small, args.method, mem_params, args.batch, args.device)
+        _, wall10, mem10 = pipeline_run(big, args.method, mem_params, args.batch, args.device)
+    e2e = s.images_per_s
     print(f"| measure | value |\n|---|---|\n"
-          f"| bare purifier loop ({args.method} {params}), img/s | {bare:.1f} |\n"
+          f"| bare in-process loop ({args.method} {params or 'defaults'}, mean NFE {s.mean_nfe:.1f}), img/s "
+          f"| {bare:.1f} |\n"
           f"| end-to-end sanitize, img/s (wall {wall:.1f}s incl. startup) | {e2e:.1f} |\n"
           f"| ratio end-to-end / bare | {e2e / bare:.2f} |\n"
+          f"| share of the purify actor's wall time in the diffusion model | {s.unet_share:.2f} |\n"
           f"| peak PSS, {args.n} images | {mem1:.0f} MiB |\n"
           f"| peak PSS, {args.n * args.scale} images ({wall10:.0f}s) | {mem10:.0f} MiB |\n"
           f"| ratio {args.scale}x / 1x | {mem10 / mem1:.2f} |")

@@ -25,6 +25,7 @@ from pipeline.config import JobConfig
 from pipeline.decode import decode_batch
 from pipeline.paths import absolute_uri, shipped_path
 from pipeline.placement import PlacementError, check_placement, plan_demand
+from pipeline.progress import ProgressLine
 from pipeline.requeue import release_retryable
 from pipeline.service import ServiceHandle, start_service
 from pipeline.sink import to_output_batch
@@ -137,6 +138,25 @@ def preflight(cfg: JobConfig) -> Preflight:
     model = load_model(cfg.model.name, "cpu")  # a bad model name or method fails here, not in 100 actors
     build_purifier(cfg.purify.method, model, cfg.purify.params)
     return Preflight(spec, fs_in, fs_out, out_path, info.id_column, model.image_size, model.channels)
+
+
+FOOTERS_FOR_TOTAL = 2000  # read at most this many Parquet footers to know the job's size up front
+
+
+def source_rows(pre: Preflight) -> int | None:
+    """How many rows the source holds, where that is cheap to know (Parquet footers); None elsewhere."""
+    import pyarrow.parquet as pq
+
+    if pre.spec.format != "parquet":
+        return None
+    shards = inspect_source(pre.spec, pre.fs_in).shards
+    if len(shards) > FOOTERS_FOR_TOTAL:
+        return None
+    try:
+        total = sum(pq.read_metadata(path, filesystem=pre.fs_in).num_rows for path in shards)
+    except (OSError, ValueError):
+        return None
+    return min(total, pre.spec.limit) if pre.spec.limit else total
 
 
 def cluster_demand(cfg: JobConfig):
@@ -253,7 +273,7 @@ def run_sanitize(cfg: JobConfig) -> Summary:
     ensure_placeable(cfg)
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = False  # one line of our own instead (pipeline/progress.py)
     ctx.target_max_block_size = cfg.resources.max_block_kib * 1024
     id_col = pre.id_column
     retried = 0
@@ -276,7 +296,9 @@ def run_sanitize(cfg: JobConfig) -> Summary:
         ds = ds.map_batches(to_output_batch, batch_format="numpy", batch_size=cfg.resources.query_batch_size,
                             fn_kwargs={"keep_orig": cfg.output.keep_original,
                                        "id_column": id_col if id_col != "key" else None})
-        ds.write_parquet(out_path, filesystem=fs_out, mode="append")
+        total = source_rows(pre)
+        with ProgressLine(service.rows_decided, None if total is None else max(total - before, 0)):
+            ds.write_parquet(out_path, filesystem=fs_out, mode="append")
         bb_stats = service.stats()
     except Exception as e:
         service.close()

@@ -59,7 +59,7 @@ class BlackBoxService:
         self._ledger_name, self._namespace = ledger, namespace
         self._ledger = None
         self.refused = 0
-        self._purifiers: dict[str, tuple[float, float, int]] = {}
+        self._purifiers: dict[str, tuple[float, float, int, int]] = {}
 
     # -- the ledger (actor 0) ----------------------------------------------------------------------------------
     def reserve(self, n: int) -> int:
@@ -98,15 +98,16 @@ class BlackBoxService:
         return True
 
     # -- purifier telemetry (actor 0): how busy the diffusion model was ------------------------------------------
-    def report_purifier(self, actor: str, unet_s: float, wall_s: float, batches: int) -> None:
-        self._purifiers[actor] = (unet_s, wall_s, batches)
+    def report_purifier(self, actor: str, unet_s: float, wall_s: float, batches: int, rows: int) -> None:
+        self._purifiers[actor] = (unet_s, wall_s, batches, rows)
 
     def purifier_stats(self) -> dict[str, float]:
         unet = sum(v[0] for v in self._purifiers.values())
         wall = sum(v[1] for v in self._purifiers.values())
         return {"purifiers": len(self._purifiers), "unet_s": unet, "purifier_wall_s": wall,
                 "unet_share": unet / wall if wall > 0 else 0.0,
-                "batches": sum(v[2] for v in self._purifiers.values())}
+                "batches": sum(v[2] for v in self._purifiers.values()),
+                "rows": sum(v[3] for v in self._purifiers.values())}
 
 
 class ServiceHandle:
@@ -123,8 +124,15 @@ class ServiceHandle:
         keys = ("rows", "images", "queries", "attempts", "retries", "ok", "failures", "budget_rejected")
         total = {k: sum(int(p.get(k, 0) or 0) for p in parts) for k in keys}
         total["budget_left"] = parts[0].get("budget_left")
-        total.update(ray.get(self.actors[0].purifier_stats.remote()))
+        total.update({f"purifier_{k}" if k == "rows" else k: v
+                      for k, v in ray.get(self.actors[0].purifier_stats.remote()).items()})
         return total
+
+    def rows_decided(self) -> int:
+        """Rows the purify actors have finished so far (as they last reported)."""
+        import ray
+
+        return int(ray.get(self.actors[0].purifier_stats.remote(), timeout=10)["rows"])
 
     def close(self) -> None:
         import ray

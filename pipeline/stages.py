@@ -78,6 +78,7 @@ class PurifyStage:
         self._started = time.monotonic()
         self._unet_s = 0.0
         self._batches = 0
+        self._rows = 0
         self._reported = 0.0
 
     # -- the model, off the event loop -------------------------------------------------------------------------
@@ -107,7 +108,8 @@ class PurifyStage:
         now = time.monotonic()
         if now - self._reported >= REPORT_EVERY_S:
             self._reported = now
-            self._services[0].report_purifier.remote(self._name, self._unet_s, now - self._started, self._batches)
+            self._services[0].report_purifier.remote(self._name, self._unet_s, now - self._started, self._batches,
+                                                     self._rows)
 
     # -- one batch ---------------------------------------------------------------------------------------------
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -148,6 +150,7 @@ class PurifyStage:
                         errors[i] = d.errors[local]
                         retryable[i] = bool(d.retryable[local])
         self._batches += 1
+        self._rows += n
         self._report()
         failed = np.array([e is not None for e in errors], bool)
         out = dict(batch)

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.blackbox import BlackBoxUnavailable
 from pipeline.config import load_config
 from pipeline.decode import decode_png, encode_png
 from pipeline.job import run_sanitize
@@ -83,15 +84,16 @@ def run_in_thread(cfg) -> tuple[threading.Thread, dict]:
 
 
 def test_flaky_black_box_job_completes_and_exhausted_rows_are_error_rows(ray_local, tmp_path, flaky_v2_server):
-    src = make_fmnist_shards(LOCAL, str(tmp_path / "src"), n_shards=2, per_shard=24, fmt="parquet")
-    # One query actor runs one batch at a time (a sync actor), so requests arrive in query order and the schedule
-    # decides the first four queries with blackbox.retries=1 (2 tries each): 503+503 -> fails; 429 (Retry-After 1)
-    # + ok -> succeeds on retry; reset+reset -> fails; slow (4 s > timeout_s 2) + ok -> succeeds on retry. The other
-    # requests draw the 20% failure rate over all four modes.
+    src = make_fmnist_shards(LOCAL, str(tmp_path / "src"), n_shards=1, per_shard=48, fmt="parquet")
+    # One batch, sent as 4-image requests one after another (max_concurrency 1), so requests arrive in query order
+    # and the schedule decides: preflight's probe ok; then the first four queries with blackbox.retries=1 (2 tries
+    # each): 503+503 -> fails; 429 (Retry-After 1) + ok -> succeeds on retry; reset+reset -> fails; slow (4 s >
+    # timeout_s 2) + ok -> succeeds on retry. The other requests draw the 20% failure rate over all four modes.
     srv = flaky_v2_server(fail_rate=0.2, seed=0, retry_after="1", slow_s=4.0,
-                          schedule=["503", "503", "429", "ok", "reset", "reset", "slow", "ok"])
+                          schedule=["ok", "503", "503", "429", "ok", "reset", "reset", "slow", "ok"])
     cfg = job_config(src.root, str(tmp_path / "out"), f"blackbox.uri={srv.url}", "blackbox.retries=1",
-                     "blackbox.timeout_s=2", "resources.query_batch_size=4", "resources.query_actors=1")
+                     "blackbox.timeout_s=2", "resources.purify_batch_size=48", "blackbox.max_batch_size=4",
+                     "blackbox.max_concurrency=1", "resources.query_actors=1")
     summary = run_sanitize(cfg)
     table = read_output(LOCAL, str(tmp_path / "out"))
     numbers = report(f"black box fails 20% of calls {dict(srv.counts)}", len(src.expected), table)
@@ -117,6 +119,7 @@ def test_flaky_black_box_job_completes_and_exhausted_rows_are_error_rows(ray_loc
     # query carries at most 4 rows.
     failed_requests = srv.requests - srv.counts["ok"]
     assert failed_requests >= 2 * -(-len(failed) // 4) + 2
+    assert all(r["retryable"] for r in failed)  # the endpoint's trouble, not the rows': the next run retries them
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -525,15 +528,24 @@ def test_yaml_config_cannot_run_code(tmp_path):
 
 def test_credentials_never_leak_from_a_job(s3_server, flaky_v2_server, tmp_path, caplog, capfd):
     """A job (its own driver process and local Ray) reads and writes S3 with an AWS secret, queries a black box
-    with a bearer token (blackbox.auth_env) and an API key (blackbox.header_env) that the server rejects and,
-    carelessly, echoes back. None of the three values may show up in the driver's output, the Ray logs, the
-    output Parquet (every string column) or its error rows."""
+    with a bearer token (blackbox.auth_env) and an API key (blackbox.header_env). The key passes preflight's probe,
+    then is revoked: the server rejects it and, carelessly, echoes it back. None of the three values may show up in
+    the driver's output, the Ray logs, the output Parquet (every string column) or its error rows, and the refused
+    rows are retryable (a later run with a good key redoes them)."""
     aws_secret = f"aws-secret-{uuid.uuid4().hex}"
     token = f"bearer-token-{uuid.uuid4().hex}"
     api_key = f"api-key-{uuid.uuid4().hex}"
     secrets = (aws_secret, token, api_key)
     srv = flaky_v2_server(fail_rate=0.0, echo_headers=True,
-                          require_headers={"Authorization": f"Bearer {token}", "X-Api-Key": "another-key"})
+                          require_headers={"Authorization": f"Bearer {token}", "X-Api-Key": api_key})
+
+    def revoke_after_probe() -> None:
+        deadline = time.monotonic() + 300
+        while srv.requests < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        srv.require_headers = {"Authorization": f"Bearer {token}", "X-Api-Key": "another-key"}
+
+    threading.Thread(target=revoke_after_probe, daemon=True).start()
     bucket = s3_server.make_bucket()
     fs = s3_server.filesystem()
     src = make_fmnist_shards(fs, f"{bucket}/in", n_shards=1, per_shard=8, fmt="parquet")
@@ -558,6 +570,7 @@ def test_credentials_never_leak_from_a_job(s3_server, flaky_v2_server, tmp_path,
     assert_exactly_once(table, src.expected)
     errors = table["error"].to_pylist()
     assert all(e and e.startswith("black box: http 401") and "X-Api-Key=***" in e for e in errors), errors[:2]
+    assert all(table["retryable"].to_pylist())
     strings = [v for name in table.column_names if pa.types.is_string(table.schema.field(name).type)
                for v in table[name].to_pylist() if v]
     # The driver-side code paths once more in this process, where caplog sees every record (DEBUG included).
@@ -570,7 +583,9 @@ def test_credentials_never_leak_from_a_job(s3_server, flaky_v2_server, tmp_path,
         mp.setenv("BB_TOKEN", token)
         mp.setenv("BB_KEY", api_key)
         mp.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)
-        preflight(load_config(overrides=overrides))
+        with pytest.raises(BlackBoxUnavailable, match=r"refused the credentials in \$BB_TOKEN, \$BB_KEY") as refused:
+            preflight(load_config(overrides=overrides))  # the key is revoked by now: the probe says so
+    assert not any(secret in str(refused.value) for secret in secrets)
     captured = capfd.readouterr()
     texts = {"driver stdout": proc.stdout, "driver stderr": proc.stderr, "ray logs": "\n".join(ray_logs),
              "output strings": "\n".join(strings), "caplog": caplog.text, "captured": captured.out + captured.err}

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from pipeline.paths import REPO_ROOT
-
+# Not pipeline.paths: the container image runs this file alone (cluster/prefetch_models.py) to fetch the weights.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODELS_DIR = Path(os.environ.get("PIPELINE_MODELS_DIR", REPO_ROOT / "models"))
 
