@@ -14,8 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pipeline.audit.thresholds import Thresholds
 from pipeline.paths import shipped_path
 
-METHODS = ("none", "sdedit", "zip", "sampdetox", "repair", "guided", "cascade")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -13,7 +13,10 @@ that the cluster can place the plan at all.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -100,7 +103,10 @@ def init_ray(cfg: JobConfig) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True)
+        # A cluster this job starts for itself skips the dashboard (a few hundred MB); a running cluster keeps its own.
+        local = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+        ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True,
+                 **({"include_dashboard": False} if local else {}))
 
 
 @dataclass
@@ -114,10 +120,25 @@ class Preflight:
     channels: int
 
 
-def preflight(cfg: JobConfig) -> Preflight:
-    """Everything that can be wrong before any work starts: source, destination, black box, model, method."""
+def check_model(name: str, method: str, params: dict[str, Any]) -> tuple[int, int]:
+    """Load the model on the CPU and build the method: a bad model name or method fails here, not in 100 actors.
+    Returns the model's image size and channels."""
     from pipeline.purify import build_purifier, load_model
 
+    model = load_model(name, "cpu")
+    build_purifier(method, model, params)
+    return model.image_size, model.channels
+
+
+def check_model_elsewhere(cfg: JobConfig) -> tuple[int, int]:
+    """`check_model` in a short-lived process: the driver never imports torch and diffusers, which would cost it
+    a few hundred MB for the whole job."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(check_model, cfg.model.name, cfg.purify.method, dict(cfg.purify.params)).result()
+
+
+def preflight(cfg: JobConfig) -> Preflight:
+    """Everything that can be wrong before any work starts: source, destination, black box, model, method."""
     s = cfg.source
     spec = SourceSpec(uri=absolute_uri(s.uri), format=s.format, image_column=s.image_column,
                       key_column=s.key_column, label_column=s.label_column, endpoint_url=s.endpoint_url,
@@ -135,9 +156,8 @@ def preflight(cfg: JobConfig) -> Preflight:
             bb.probe()  # one tiny /infer with the job's credentials: a ready endpoint can still refuse the token
     finally:
         bb.close()
-    model = load_model(cfg.model.name, "cpu")  # a bad model name or method fails here, not in 100 actors
-    build_purifier(cfg.purify.method, model, cfg.purify.params)
-    return Preflight(spec, fs_in, fs_out, out_path, info.id_column, model.image_size, model.channels)
+    size, channels = check_model_elsewhere(cfg)
+    return Preflight(spec, fs_in, fs_out, out_path, info.id_column, size, channels)
 
 
 FOOTERS_FOR_TOTAL = 2000  # read at most this many Parquet footers to know the job's size up front

@@ -14,8 +14,7 @@ import uuid
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from PIL import Image
 
 from pipeline.blackbox import InputSpec, Prediction, open_blackbox
 from pipeline.blackbox.base import QueryBudget, budget_refusal
@@ -24,16 +23,19 @@ log = logging.getLogger(__name__)
 
 
 def fit_to_spec(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Resize / convert channels so that a model-sized uint8 batch matches what the black box takes."""
+    """Resize / convert channels so that a model-sized uint8 batch matches what the black box takes (antialiased
+    bilinear, as PIL does it; numpy and PIL only, so the service needs no torch)."""
     n, c, h, w = images.shape
     if (c, h, w) == (spec.channels, spec.size, spec.size):
         return images
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    x = images.astype(np.float32)
     if c != spec.channels:
-        x = x.mean(1, keepdim=True) if spec.channels == 1 else x.expand(n, spec.channels, h, w)
+        x = x.mean(1, keepdims=True) if spec.channels == 1 else np.repeat(x, spec.channels, axis=1)
     if (h, w) != (spec.size, spec.size):
-        x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).numpy()
+        x = np.stack([np.stack([np.asarray(Image.fromarray(ch, mode="F").resize((spec.size, spec.size),
+                                                                               Image.Resampling.BILINEAR))
+                                for ch in img]) for img in x])
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def split_limits(options: dict[str, Any], actors: int) -> tuple[dict[str, Any], int | None]:

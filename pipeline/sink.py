@@ -36,18 +36,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from pipeline.decode import encode_png
-from pipeline.storage import check_writable, resolve_filesystem, uri_path
-
-if TYPE_CHECKING:
-    import ray.data
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -223,30 +218,3 @@ def to_output_batch(
         columns[id_column] = native
     schema = output_schema(keep_orig, id_column if id_column in columns else None, id_type)
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
-
-
-def write_output(
-    ds: ray.data.Dataset,
-    uri: str,
-    fs: pafs.FileSystem | None = None,
-    *,
-    endpoint_url: str | None = None,
-    check: bool = True,
-    min_rows_per_file: int | None = None,
-    **write_kwargs: Any,
-) -> None:
-    """Write ``ds`` (rows from :func:`to_output_batch`) as Parquet under ``uri`` with ``mode="append"``.
-
-    Append is what Ray's checkpointed resume needs: a resumed run adds the missing rows next to the files of the
-    runs before it (Ray's two-phase commit removes the orphaned files of a crashed run). ``check`` probes the
-    destination first so that a wrong bucket or missing permission fails before any row is processed.
-    """
-    from ray.data import SaveMode
-
-    if fs is None:
-        fs, path = resolve_filesystem(uri, endpoint_url)
-    else:
-        path = uri_path(uri)
-    if check:
-        check_writable(fs, path)
-    ds.write_parquet(path, filesystem=fs, mode=SaveMode.APPEND, min_rows_per_file=min_rows_per_file, **write_kwargs)

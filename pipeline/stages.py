@@ -6,6 +6,9 @@ pass, the vote) happens inside this stage, so the plan holds a single actor pool
 batches are in flight per actor: while one waits for the black-box service, the model works on another, and model
 calls go through one thread so that they never run on top of each other. Rows that already carry an error pass
 through untouched, so a bad input becomes an error row instead of failing its block.
+
+torch, diffusers and the purifiers are imported inside the actor, not at module level: the driver imports this
+module only to hand the class to Ray, and a driver without them stays a few hundred MB lighter.
 """
 
 from __future__ import annotations
@@ -17,15 +20,14 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from pipeline.purify import build_purifier, load_model
-from pipeline.purify.cascade import Cascade, PurifyStep, Steps, one_pass_steps
-from pipeline.purify.models import pick_device
 from pipeline.sink import is_empty_error
+
+if TYPE_CHECKING:
+    from pipeline.purify.cascade import Steps
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 2.0  # how often an actor tells the service how busy its model was
@@ -38,6 +40,8 @@ class GpuMismatchError(RuntimeError):
 def check_gpu(device: str, gpu_ids: list[Any]) -> None:
     """Fail instead of purifying on the CPU when Ray reserved a GPU that torch cannot see (typically a CUDA build
     of torch newer than the node's NVIDIA driver). `model.device: cpu` opts out, e.g. on logical test GPUs."""
+    import torch
+
     if not gpu_ids or device == "cpu" or torch.cuda.is_available():
         return
     build = f"torch {torch.__version__} built for CUDA {torch.version.cuda}" if torch.version.cuda else (
@@ -58,6 +62,11 @@ class PurifyStage:
     def __init__(self, model: str, device: str, dtype: str, method: str, params: dict[str, Any], seed: int,
                  service: list[str], namespace: str | None = None, torch_threads: int | None = None) -> None:
         import ray
+        import torch
+
+        from pipeline.purify import build_purifier, load_model
+        from pipeline.purify.cascade import Cascade, PurifyStep, one_pass_steps
+        from pipeline.purify.models import pick_device
 
         self.device = pick_device(device)
         check_gpu(device, ray.get_gpu_ids() if ray.is_initialized() else [])
@@ -66,6 +75,7 @@ class PurifyStage:
             torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         self.model = load_model(model, self.device)
         built = build_purifier(method, self.model, params, dtype=dtype)
+        self._torch, self._step_kind, self._one_pass = torch, PurifyStep, one_pass_steps
         self.cascade = built if isinstance(built, Cascade) else None
         self.purifier = built.base if isinstance(built, Cascade) else built
         self.method = method
@@ -84,7 +94,7 @@ class PurifyStage:
     # -- the model, off the event loop -------------------------------------------------------------------------
     def _purify(self, images: np.ndarray, keys: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with self._torch.inference_mode():
             res = self.purifier(images, keys, seed)
         out = res.uint8(), res.nfe.numpy()
         self._unet_s += time.perf_counter() - t0
@@ -98,7 +108,7 @@ class PurifyStage:
                 step = steps.send(answer)
             except StopIteration as done:
                 return done.value
-            if isinstance(step, PurifyStep):
+            if isinstance(step, self._step_kind):
                 answer = await loop.run_in_executor(self._unet, self._purify, images[step.rows],
                                                     [keys[i] for i in step.rows], step.seed)
             else:
@@ -130,7 +140,7 @@ class PurifyStage:
         if rows.size:
             x = np.ascontiguousarray(images[rows])
             keys = [str(k) for k in batch["key"][rows]]
-            steps = self.cascade.steps(x, self.seed) if self.cascade else one_pass_steps(x, self.seed)
+            steps = self.cascade.steps(x, self.seed) if self.cascade else self._one_pass(x, self.seed)
             try:
                 d = await self._drive(steps, x, keys)
             except (ValueError, TypeError) as exc:  # a shape the model cannot take: these rows fail, the job goes on

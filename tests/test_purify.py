@@ -497,8 +497,6 @@ def test_cascade_original_label_votes_only_where_the_black_box_was_unsure(model)
         Cascade(SDEdit(model, t_start=100, steps=1), original_below=1.5)
     with pytest.raises(ValueError, match="original_votes"):
         Cascade(SDEdit(model, t_start=100, steps=1), k=3, original_votes=4)
-    with pytest.raises(TypeError, match="original_votes"):
-        build_purifier("cascade", model, {"base": "sdedit", "vote_original": True})
 
 
 def test_always_cascade_equals_a_full_majority_vote(model):

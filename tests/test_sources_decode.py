@@ -22,7 +22,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from pipeline.decode import decode_batch, decode_image, decode_png, encode_png
-from pipeline.sink import OUTPUT_SCHEMA, output_schema, to_output_batch, write_output
+from pipeline.sink import OUTPUT_SCHEMA, output_schema, to_output_batch
 from pipeline.sources import (
     SourceError,
     SourceSpec,
@@ -121,7 +121,7 @@ def test_webdataset_resume_with_keys_repeated_across_shards(ray_local, tmp_path)
             context.checkpoint_config = checkpoint_config(spec, str(tmp_path / "ckpt"))
             ds = read_source(spec).map_batches(
                 to_output_batch, batch_format="numpy", fn_kwargs={"method": "none", "id_column": "sample_id"})
-            write_output(ds, out)
+            ds.write_parquet(out, mode="append")  # as the job writes: appended, for resume
     finally:
         context.checkpoint_config = None
     keys = pq.read_table(out)["key"].to_pylist()
@@ -145,7 +145,7 @@ def test_pipeline_writes_output_schema_to_s3(ray_local, s3_server):
         return to_output_batch(batch, method="zip", params={"t": 100}, keep_orig=True, id_column="sample_id")
 
     ds = read_source(spec).map_batches(decode_batch, batch_format="numpy", fn_kwargs={"size": 28, "channels": 1})
-    write_output(ds.map_batches(fake_stages, batch_format="numpy"), f"s3://{bucket}/out", fs)
+    ds.map_batches(fake_stages, batch_format="numpy").write_parquet(f"{bucket}/out", filesystem=fs, mode="append")
 
     table = pq.read_table(f"{bucket}/out", filesystem=fs)
     assert table.schema.equals(output_schema(keep_orig=True, id_column="sample_id"), check_metadata=False)

@@ -12,7 +12,8 @@ import threading
 
 import numpy as np
 
-from .base import BlackBoxUnavailable, FatalError, InputSpec, RemoteBlackBox, RetryableError
+from .base import BlackBoxUnavailable, InputSpec
+from .remote import FatalError, RemoteBlackBox, RetryableError
 from .v2 import DATA_STATUS, RETRY_STATUS, decode_v2_response, encode_v2_request
 
 _RETRY_CODES = frozenset({"ThrottlingException", "ServiceUnavailable", "InternalFailure", "InternalDependencyException",

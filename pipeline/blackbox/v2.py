@@ -13,17 +13,9 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import numpy as np
 
-from .base import (
-    V2_DTYPES,
-    BlackBoxUnavailable,
-    FatalError,
-    InputSpec,
-    RemoteBlackBox,
-    RetryableError,
-    headers_from_env,
-    parse_retry_after,
-)
+from .base import V2_DTYPES, BlackBoxUnavailable, InputSpec
 from .httpio import ACCEPT_ENCODING, ResponseTooLarge, deadline, deadline_transport, read_capped
+from .remote import FatalError, RemoteBlackBox, RetryableError, headers_from_env, parse_retry_after
 
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # The endpoint refused the request's content: asking again with the same image will not help.

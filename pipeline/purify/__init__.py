@@ -44,11 +44,6 @@ def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | 
     `original_votes`, `original_below`, and the base's own params; unknown params raise a TypeError naming them."""
     params = dict(params or {})
     if method == "cascade":
-        if "vote_original" in params:
-            raise TypeError("cascade param vote_original was replaced by original_votes (ballots of the original "
-                            "label, 0 = none) and original_below (it votes only where the black box's probability "
-                            "for it is below this; null = always): vote_original true = original_votes 1, "
-                            "original_below null")
         base = params.pop("base", CASCADE_DEFAULTS["base"])
         k = params.pop("k", CASCADE_DEFAULTS["k"])
         escalate = params.pop("escalate", CASCADE_DEFAULTS["escalate"])
