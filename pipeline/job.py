@@ -82,7 +82,10 @@ def blackbox_options(cfg: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     spec = {"size": b.size, "channels": b.channels, "scale": b.scale, "input_name": b.input_name,
             "datatype": b.datatype}
     if b.uri.startswith("onnx:"):
-        return spec, {}
+        # One thread: the victim is small, and a local model that takes every core next to a busy purifier on the
+        # same node slows both many times over.
+        opts = {"threads": 1, "max_batch_size": b.max_batch_size, "query_budget": b.query_budget}
+        return spec, {k: v for k, v in opts.items() if v is not None}
     opts = {"max_batch_size": b.max_batch_size, "max_concurrency": b.max_concurrency, "timeout_s": b.timeout_s,
             "retries": b.retries, "rate_limit_qps": b.rate_limit_qps, "query_budget": b.query_budget,
             "auth_env": b.auth_env, "header_env": b.header_env or None}

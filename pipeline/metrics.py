@@ -1,4 +1,9 @@
-"""CA / PA / ASR / floor (see shared ALGORITHMS.md) and trigger-flag confusion counts.
+"""CA / PA / ASR / floor and trigger-flag confusion counts.
+
+CA: accuracy on purified clean images. PA: accuracy on purified triggered images against their true labels (images
+whose true label is the target excluded). ASR: share of purified triggered images labelled as the target. Floor:
+share of purified clean images of other classes labelled as the target, what ASR still shows after a perfect
+trigger removal (docs/methods.md).
 
 A failed query (label -1) is counted as a wrong answer everywhere and reported in ``failed``: dropping such rows
 would silently inflate CA and PA and deflate ASR when an endpoint misbehaves.

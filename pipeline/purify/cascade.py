@@ -1,25 +1,26 @@
 """Query-guided cascade: purify, ask the black box, and spend more passes only where the answers call for it.
 
 Two escalation rules, both ending in a majority vote of up to k purified labels:
-- `flip` (the published flip cascade): rows whose first purified label equals the original label stop after one
-  pass; only rows whose label flipped get more passes. Clean images rarely flip, so the extra NFE lands on
-  triggered images, and the vote undoes most clean images that one noisy pass pushed into a wrong class.
+- `flip` (the flip cascade): rows whose first purified label equals the original label stop after one pass; only
+  rows whose label flipped get more passes. Clean images rarely flip, so the extra NFE lands on triggered images,
+  and the vote undoes most clean images that one noisy pass pushed into a wrong class.
 - `always` (ours): every row is voted on. A single pass that leaves a trigger intact decides a flip cascade's
-  answer; a vote needs most passes to fail, so ASR falls from p to about 3p^2 for k = 3.
+  answer; a vote needs most passes to fail, so if one pass fails with probability p, a vote of k = 3 fails with
+  about 3p^2.
 Passes stop as soon as the vote is decided (the leader cannot be caught by the passes left), so `always` with k = 3
 costs two passes, and three only where the first two disagree.
 
 The original label can cast `original_votes` ballots, but only where the black box's own probability for it is
-below `original_below` (ours, on by default): a trigger is a shortcut that makes the model certain (the demo
-victims give their target a mean probability of .93-.998 on triggered images), while the clean images that noisy
-passes push into a wrong class are mostly ones the model was unsure about (.70-.78 on the embedded benchmark,
-against .93 for clean images it gets right). So the original helps exactly where purification costs clean
-accuracy, and stays out where it would vote for a trigger. A label-only black box (no scores) never opens the gate,
-which leaves the plain vote.
+below `original_below` (ours, on by default): a trigger is a shortcut that makes the model certain, while the clean
+images that noisy passes push into a wrong class are mostly ones the model was unsure about. So the original helps
+where purification costs clean accuracy, and stays out where it would vote for a trigger. A label-only black box
+(no scores) never opens the gate, which leaves the plain vote. What these rules measure on the embedded model:
+docs/methods.md.
 
-The black box is a plain callable here (uint8 batch -> labels or a `Prediction`), so this module stays free of Ray
-and HTTP; the pipeline runs the same rounds as separate stages, with `needs_pass` deciding each round's rows in both
-places.
+The rounds are written once, as generators (`Cascade.steps`, `one_pass_steps`) that yield what they need next, a
+purifier pass (`PurifyStep`) or a query (`QueryStep`), and receive the answer. `drive` runs them inline with a plain
+callable black box (uint8 batch -> labels or a `Prediction`); the pipeline's purify stage drives the same generators
+asynchronously against the black-box service. So this module stays free of Ray and HTTP, and both decide alike.
 """
 
 from __future__ import annotations
@@ -37,11 +38,10 @@ from pipeline.purify.base import Purifier
 # (e.g. `blackbox.base.Prediction`); scores open the original-label gate.
 Classify = Callable[[np.ndarray], Any]
 
-# The best setting of `python -m pipeline bench` on the embedded model (see README): a majority vote of up to 5
-# `guided` passes (its own defaults: t 300, 2 locator + 6 DDIM steps, eta 1, sharpened output), stopped once
-# decided: 2-3 passes on most rows, ~25 mean NFE; the original label casts 2 ballots where the black box gave it
-# less than .95. With `base: sdedit`, SDEDIT_BASE fills what the user leaves out (the previous default's
-# plain-SDEdit vote); other bases use their own defaults.
+# The default method: a majority vote of up to 5 `guided` passes (with guided's own defaults), stopped once decided;
+# the original label casts 2 ballots where the black box gave it less than .95. With `base: sdedit`, SDEDIT_BASE
+# fills what the user leaves out (a plain-SDEdit vote); other bases use their own defaults. Chosen by
+# `python -m pipeline bench` (docs/benchmarks.md).
 DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", "original_votes": 2, "original_below": 0.95}
 SDEDIT_BASE: dict = {"t_start": 300, "steps": 8, "eta": 1.0}
 ESCALATE = ("flip", "always")
