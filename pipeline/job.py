@@ -297,6 +297,9 @@ def run_sanitize(cfg: JobConfig) -> Summary:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # one line of our own instead (pipeline/progress.py)
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # off on purpose: spare the user Ray's advice to turn them on
     ctx.target_max_block_size = cfg.resources.max_block_kib * 1024
     id_col = pre.id_column
     retried = 0
