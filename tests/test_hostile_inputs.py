@@ -444,6 +444,25 @@ def test_sagemaker_probe_and_response_cap() -> None:
     assert bb.stats()["rows"] == 1, "probes are not queries"
 
 
+def test_sagemaker_timeout_is_a_deadline_for_a_trickled_answer(crafted_v2_server, monkeypatch):
+    """botocore bounds each read; a trickled invocation answer must still end at timeout_s (a real local server)."""
+    def respond(i: int, n: int, h) -> None:
+        body = v2_answer([1] * n, [n], "INT64")
+        send_raw(h, 200, [(body[j:j + 1], 0.25 if j < 32 else 0.0) for j in range(len(body))])
+
+    srv = crafted_v2_server(respond)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    with open_blackbox("sagemaker:ep", SPEC, endpoint_url=srv.base_url, region_name="us-east-1",
+                       **_quick(timeout_s=1.0)) as bb:
+        t0 = time.monotonic()
+        pred = bb.predict(_images(2))
+        took = time.monotonic() - t0
+    assert pred.errors == ["timeout after 1 try"] * 2 and pred.retryable.all()
+    assert took < 2.5, f"the request ran {took:.1f}s past a 1 s deadline"
+    assert srv.requests == 1
+
+
 def test_imagefolder_file_past_the_bound_is_not_read_whole(ray_local, tmp_path):
     root = tmp_path / "folder" / "cat"
     root.mkdir(parents=True)

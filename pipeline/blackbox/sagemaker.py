@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
@@ -37,6 +39,9 @@ class SageMakerBlackBox(RemoteBlackBox):
         self._client = client
         self._control = control_client
         self._client_lock = threading.Lock()
+        # botocore bounds each socket read, not the request: calls run here so that the caller can stop waiting at
+        # the deadline. A call past it keeps its thread until botocore gives up; the pool's size bounds how many.
+        self._calls = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="sagemaker-call")
 
     def _boto_client(self, service: str) -> object:
         import boto3
@@ -73,12 +78,16 @@ class SageMakerBlackBox(RemoteBlackBox):
         )
 
         body = json.dumps(encode_v2_request(x, self.spec, request_id)).encode()
-        try:
+
+        def call() -> bytes:
             resp = self.client.invoke_endpoint(EndpointName=self.endpoint, ContentType="application/json",
                                                Accept="application/json", Body=body, **self._extra)
             # one byte past the cap tells a bomb from an answer without holding the bomb
-            raw = resp["Body"].read(self.max_response_bytes + 1)
-        except (ReadTimeoutError, ConnectTimeoutError) as e:
+            return resp["Body"].read(self.max_response_bytes + 1)
+
+        try:
+            raw = self._calls.submit(call).result(timeout=self.timeout_s)
+        except (ReadTimeoutError, ConnectTimeoutError, FutureTimeout) as e:
             raise RetryableError("timeout") from e
         except EndpointConnectionError as e:
             raise RetryableError("connect error") from e
@@ -103,6 +112,10 @@ class SageMakerBlackBox(RemoteBlackBox):
             raise FatalError("bad response: body is not JSON") from e
         except ValueError as e:
             raise FatalError(f"bad response: {e}") from e
+
+    def close(self) -> None:
+        super().close()
+        self._calls.shutdown(wait=False, cancel_futures=True)  # a call past its deadline is not waited for
 
     def check(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
