@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from pipeline.evaluate import PeakRSS
+
 
 def job_config(root: Path, method: str, params: dict, batch: int, device: str):
     from pipeline.config import load_config
@@ -82,19 +84,11 @@ def memory_run(root: Path, method: str, params: dict, batch: int, device: str) -
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "RAY_ADDRESS": ""})
-    me, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        peak = max(peak, total)
-        time.sleep(0.5)
+    with PeakRSS(interval=0.5, tree=True, pid=proc.pid) as mem:
+        proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
-    return peak / 2**20, time.perf_counter() - t0
+    return mem.mib, time.perf_counter() - t0
 
 
 def main() -> None:

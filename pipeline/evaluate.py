@@ -27,14 +27,19 @@ VICTIMS_DIR = REPO_ROOT / "models" / "victims"
 class PeakRSS:
     """Peak memory while the block runs, sampled (ru_maxrss cannot be reset between methods).
 
-    `tree=False`: resident set of this process. `tree=True`: proportional set size of this process and all its
-    descendants (a local Ray cluster's raylet, workers and object store), so shared pages count once."""
+    `tree=False`: resident set of the process. `tree=True`: proportional set size of the process and all its
+    descendants (a local Ray cluster's raylet, workers and object store), so shared pages count once. `pid`: the
+    process to watch (default: this one)."""
 
-    def __init__(self, interval: float = 0.05, tree: bool = False) -> None:
+    def __init__(self, interval: float = 0.05, tree: bool = False, pid: int | None = None) -> None:
         self.interval, self.tree, self.peak, self._stop = interval, tree, 0, threading.Event()
+        self.pid = pid
 
     def sample(self) -> int:
-        me = psutil.Process()
+        try:
+            me = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:  # the watched process just ended
+            return 0
         if not self.tree:
             return me.memory_info().rss
         total = 0
