@@ -27,7 +27,7 @@ from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.config import JobConfig
 from pipeline.decode import decode_batch
 from pipeline.paths import absolute_uri, shipped_path
-from pipeline.placement import PlacementError, check_placement, plan_demand
+from pipeline.placement import PlacementError, PlanDemand, check_placement, plan_demand
 from pipeline.progress import ProgressLine
 from pipeline.requeue import release_retryable
 from pipeline.service import ServiceHandle, start_service
@@ -182,6 +182,14 @@ def source_rows(pre: Preflight) -> int | None:
     return min(total, pre.spec.limit) if pre.spec.limit else total
 
 
+def demand_bundles(demand: PlanDemand, purifiers: int, task_cpus: float) -> list[dict[str, float]]:
+    """What to ask an autoscaler for: the purifiers, the service's actors and a CPU per Ray Data task."""
+    purifier = {"GPU": demand.gpus_per_purifier, "CPU": demand.cpus_per_purifier} if demand.gpus_per_purifier \
+        else {"CPU": max(demand.cpus_per_purifier, 1.0)}
+    service = [{"CPU": demand.cpus_per_blackbox}] * demand.blackbox_actors if demand.cpus_per_blackbox else []
+    return [purifier] * purifiers + service + [{"CPU": 1.0}] * int(task_cpus)
+
+
 def cluster_demand(cfg: JobConfig):
     import ray
 
@@ -212,9 +220,7 @@ def ensure_placeable(cfg: JobConfig) -> None:
             if time.monotonic() >= deadline:
                 raise
             if not asked:
-                request_resources(bundles=[{"GPU": demand.gpus_per_purifier, "CPU": demand.cpus_per_purifier}
-                                           if demand.gpus_per_purifier else {"CPU": max(demand.cpus_per_purifier, 1)}
-                                           ] * need)
+                request_resources(bundles=demand_bundles(demand, need, task_cpus))
                 asked = True
                 log.info("waiting up to %.0f s for the autoscaler to add: %s", cfg.resources.wait_for_nodes_s,
                          demand.describe())

@@ -60,6 +60,13 @@ def test_head_without_cpus_one_gpu_node_one_cpu_node_and_losing_the_gpu_node(tmp
     assert f["lost_errors"] == 0, f["first_run"]
 
 
+def test_preflight_waits_for_the_autoscaler_when_told_to(tmp_path):
+    f = scenario("late_gpu", tmp_path)
+    assert "error" not in f, f["error"]
+    assert sorted(f["keys"]) == f["expected"] and f["errors"] == 0
+    assert f["seconds"] >= 4, "the job cannot have run before its GPU node joined"
+
+
 # -- the black-box service: job-wide limits ---------------------------------------------------------------------
 
 
