@@ -30,10 +30,6 @@ class PlanDemand:
     def gpus(self) -> float:
         return self.purifiers * self.gpus_per_purifier
 
-    @property
-    def min_purifiers(self) -> int:
-        return self.purifiers
-
     def describe(self) -> str:
         return (f"{self.purifiers} purify actor(s) x ({self.gpus_per_purifier:g} GPU, {self.cpus_per_purifier:g} CPU)"
                 f" + {self.blackbox_actors} black-box actor(s) x {self.cpus_per_blackbox:g} CPU")

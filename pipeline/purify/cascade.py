@@ -145,34 +145,27 @@ class Answer:
         retry = getattr(answer, "retryable", None)
         retryable = np.zeros(n, bool) if retry is None else np.asarray(retry, bool)
         scores = getattr(answer, "scores", None)
-        own = np.full(n, np.nan, np.float32)
         if scores is not None:
             scores = np.asarray(scores, np.float32)
             if scores.ndim != 2 or len(scores) != n:
                 scores = None
-            else:
-                ok = (labels >= 0) & (labels < scores.shape[1])
-                own[ok] = scores[np.flatnonzero(ok), labels[ok]]
         missing = [i for i in range(n) if errors[i] is None and labels[i] < 0]
         for i in missing:  # a label-less answer without a reason is still a failure, and says so
             errors[i] = "black box gave no label"
             retryable[i] = True
-        return cls(labels, own, scores, errors, retryable)
+        return cls(labels, _probability(scores, labels), scores, errors, retryable)
 
-    def score_of(self, labels: np.ndarray) -> np.ndarray:
-        """Each row's probability of `labels` (NaN where unknown)."""
-        out = np.full(len(labels), np.nan, np.float32)
-        if self.scores is not None:
-            ok = (labels >= 0) & (labels < self.scores.shape[1])
-            out[ok] = self.scores[np.flatnonzero(ok), labels[ok]]
-        return out
+    def score_of(self, labels: np.ndarray, offset: int = 0) -> np.ndarray:
+        """The probability of `labels[i]` in answer row `offset + i` (NaN where unknown)."""
+        return _probability(self.scores, labels, offset)
 
 
-def labels_and_scores(answer: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """A Classify answer -> (labels, the probability of each row's own label or None)."""
-    labels = np.asarray(getattr(answer, "labels", answer), dtype=np.int64)
-    a = Answer.of(answer, len(labels))
-    return labels, None if a.scores is None else a.own_score
+def _probability(scores: np.ndarray | None, labels: np.ndarray, offset: int = 0) -> np.ndarray:
+    out = np.full(len(labels), np.nan, np.float32)
+    if scores is not None:
+        ok = (labels >= 0) & (labels < scores.shape[1])
+        out[ok] = scores[offset + np.flatnonzero(ok), labels[ok]]
+    return out
 
 
 @dataclass(frozen=True)
@@ -210,10 +203,6 @@ class Decision:
     def flagged(self) -> np.ndarray:
         return (self.labels != self.pred_orig) & (self.labels >= 0) & (self.pred_orig >= 0)
 
-    @property
-    def pred_first(self) -> np.ndarray:
-        return self.votes[:, 0] if self.votes is not None else self.labels
-
 
 Steps = Generator["PurifyStep | QueryStep", Any, Decision]
 
@@ -248,7 +237,7 @@ def one_pass_steps(images: np.ndarray, seed: int) -> Steps:
     fail.add(rows, a, offset=n)
     pred_orig, pred_pur = a.labels[:n], a.labels[n:]
     if a.scores is not None:
-        flag = a.own_score[:n] - a.score_of(np.concatenate([np.full(n, -1), pred_orig]))[n:]
+        flag = a.own_score[:n] - a.score_of(pred_orig, offset=n)
     else:
         flag = (pred_orig != pred_pur).astype(np.float32)
     bad = fail.failed
