@@ -12,6 +12,12 @@ clean reference model whose CA the backdoored ones are compared with.
 
 The ONNX graph takes float32 "input-0" (N, C, H, W) in [0, 1] and returns "logits" (N, 10), batch axis dynamic.
 A JSON line with CA / ASR is printed last (and written next to the model as <name>.json).
+
+The victim zoo (jobs/train_zoo.py) varies what a user's model may differ in: the architecture (``--arch``: the
+SmallCNN, a wider VGG-style CNN with batch norm, a small ResNet, an MLP), the recipe (``--epochs``,
+``--augment shift``, ``--label-smoothing``, ``--weight-decay``) and the attacker. ``--augment purifier`` is the
+purifier-aware attacker: every training image, clean or poisoned, is blurred, noised or pooled down and up at random,
+so that the backdoor answers to what a partial purification leaves of its trigger.
 """
 
 from __future__ import annotations
@@ -46,6 +52,111 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class WideCNN(nn.Module):
+    """VGG-style: three conv blocks with batch norm (32, 64, 64), dropout before the head; ~0.2M parameters."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 1, size: int = 28, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.features = nn.Sequential(*block(channels, width), *block(width, 2 * width), *block(2 * width, 2 * width))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(2 * width * (size // 8) ** 2, 128),
+                                  nn.ReLU(), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip = (nn.Sequential() if stride == 1 and cin == cout else
+                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+class ResNet(nn.Module):
+    """A small ResNet (stride-2 stem, three stages of one basic block: 16, 32, 64 channels, global average pool);
+    ~0.1M parameters. Global pooling makes it the one victim that does not care where a feature is."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 1, size: int = 28, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stages = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2),
+                                    BasicBlock(2 * width, 4 * width, 2))
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+class MLP(nn.Module):
+    """Two hidden layers (256, 128) on the raw pixels: no convolution, no translation prior; ~0.23M parameters."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 1, size: int = 28, width: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, width), nn.ReLU(),
+                                 nn.Linear(width, width // 2), nn.ReLU(), nn.Linear(width // 2, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+ARCHS: dict[str, type[nn.Module]] = {"smallcnn": SmallCNN, "widecnn": WideCNN, "resnet": ResNet, "mlp": MLP}
+DEFAULT_WIDTH = {"smallcnn": 16, "widecnn": 32, "resnet": 16, "mlp": 256}
+AUGMENT = ("none", "shift", "purifier")
+
+
+def shift(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to `pad` pixels per image (zero fill)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (n, h)
+    cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (n, w)
+    idx = torch.arange(n, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def purifier_like(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """The purifier-aware attacker's augmentation: with probability `p` per image, one of a Gaussian blur (sigma
+    0.5-1.5), Gaussian noise (std 0.03-0.15) or a 2x average-pool down and bilinear up, i.e. the kinds of damage a
+    partial purification leaves on a trigger."""
+    n = x.shape[0]
+    kind = torch.randint(0, 3, (n,), generator=gen)
+    use = torch.rand(n, generator=gen) < p
+    out = x.clone()
+    sel = (use & (kind == 0)).nonzero().flatten()
+    if len(sel):
+        sigma = 0.5 + torch.rand(1, generator=gen).item()
+        r = torch.arange(-2, 3, dtype=x.dtype)
+        g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+        g = (g / g.sum()).to(x.device)
+        c = x.shape[1]
+        xs = F.conv2d(F.pad(x[sel], (2, 2, 0, 0), mode="replicate"), g.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
+        out[sel] = F.conv2d(F.pad(xs, (0, 0, 2, 2), mode="replicate"), g.view(1, 1, 5, 1).repeat(c, 1, 1, 1),
+                            groups=c)
+    sel = (use & (kind == 1)).nonzero().flatten()
+    if len(sel):
+        std = (0.03 + 0.12 * torch.rand(len(sel), 1, 1, 1, generator=gen)).to(x.device)
+        noise = torch.randn(x[sel].shape, generator=gen).to(x.device)
+        out[sel] = (x[sel] + std * noise).clamp(0, 1)
+    sel = (use & (kind == 2)).nonzero().flatten()
+    if len(sel):
+        out[sel] = F.interpolate(F.avg_pool2d(x[sel], 2), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return out
+
+
 def poison(images: np.ndarray, labels: np.ndarray, attack: str, rate: float, target: int,
            seed: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Dirty-label poisoning of ``rate`` * N images drawn from the non-target classes."""
@@ -61,15 +172,20 @@ def poison(images: np.ndarray, labels: np.ndarray, attack: str, rate: float, tar
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, batch: int = 1000) -> np.ndarray:
-    """Labels of uint8 (N, C, H, W) images."""
+def probabilities(model: nn.Module, images: np.ndarray, batch: int = 1000) -> np.ndarray:
+    """Softmax (N, classes) of uint8 (N, C, H, W) images."""
     model.eval()
     dev = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(np.array(images[i:i + batch])).to(dev).float().div_(255.0)
-        out.append(model(x).argmax(1).cpu().numpy())
+        out.append(model(x).softmax(1).cpu().numpy())
     return np.concatenate(out)
+
+
+def predict(model: nn.Module, images: np.ndarray, batch: int = 1000) -> np.ndarray:
+    """Labels of uint8 (N, C, H, W) images."""
+    return probabilities(model, images, batch).argmax(1)
 
 
 def export_onnx(model: nn.Module, path: Path, shape: tuple[int, int, int]) -> None:
@@ -87,7 +203,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attack", default="badnets", choices=("none", *ATTACKS))
     ap.add_argument("--data", default="fmnist", choices=DATASETS)
-    ap.add_argument("--width", type=int, default=16, help="channels of the first conv (64 is a fair CIFAR-10 size)")
+    ap.add_argument("--arch", default="smallcnn", choices=tuple(ARCHS))
+    ap.add_argument("--width", type=int, default=None,
+                    help="channels of the first conv, or the MLP's first hidden layer (SmallCNN: 16; 64 is a fair "
+                         "CIFAR-10 size)")
+    ap.add_argument("--augment", default="none", choices=AUGMENT,
+                    help="shift: random translation by up to 2 px; purifier: the purifier-aware attacker's blur / "
+                         "noise / down-up augmentation of every training image")
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--flip", action="store_true", help="random horizontal flips while training (CIFAR-10)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, required=True)
@@ -111,8 +235,9 @@ def main() -> None:
     shape = tuple(int(v) for v in x_train.shape[1:])
     dev = torch.device(args.device)
 
-    model = SmallCNN(channels=shape[0], size=shape[1], width=args.width).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    width = args.width or DEFAULT_WIDTH[args.arch]
+    model = ARCHS[args.arch](channels=shape[0], size=shape[1], width=width).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = (len(x_train) + args.batch - 1) // args.batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
     xt = torch.from_numpy(np.array(x_train)).to(dev).float().div_(255.0)
@@ -127,7 +252,11 @@ def main() -> None:
             xb = xt[b]
             if args.flip:
                 xb = torch.where(torch.rand(len(b), 1, 1, 1, device=dev) < 0.5, xb.flip(-1), xb)
-            loss = F.cross_entropy(model(xb), yt[b])
+            if args.augment == "shift":
+                xb = shift(xb, gen)
+            elif args.augment == "purifier":
+                xb = purifier_like(xb, gen)
+            loss = F.cross_entropy(model(xb), yt[b], label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -137,10 +266,17 @@ def main() -> None:
         print(f"epoch {epoch + 1}/{args.epochs} loss {total / len(perm):.4f} CA {ca:.4f} ({time.time() - t0:.0f}s)",
               flush=True)
 
-    result: dict = {"attack": args.attack, "data": args.data,
+    result: dict = {"attack": args.attack, "data": args.data, "arch": args.arch, "width": width,
+                    "augment": args.augment, "label_smoothing": args.label_smoothing,
+                    "weight_decay": args.weight_decay, "lr": args.lr,
+                    "params": sum(p.numel() for p in model.parameters()),
                     "poison_rate": args.poison_rate if args.attack != "none" else 0.0,
                     "n_poison": n_poison, "target": args.target, "epochs": args.epochs, "seed": args.seed,
                     "ca": float(np.mean(predict(model, x_test) == y_test)), "n_test": len(y_test)}
+    # calibration: how often the victim is sure of a clean image (the vote's original-label gate reads this)
+    top = probabilities(model, x_test).max(1)
+    result["clean_top_prob_median"] = float(np.median(top))
+    result["clean_top_prob_ge_95"] = float(np.mean(top >= 0.95))
     if args.attack != "none":
         keep = y_test != args.target
         pred = predict(model, apply_trigger(x_test[keep], args.attack))

@@ -7,11 +7,12 @@ which lets a victim trained with one seed be evaluated later with a freshly buil
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 
-ATTACKS: tuple[str, ...] = ("badnets", "blended", "wanet", "sig", "lf")
+ATTACKS: tuple[str, ...] = ("badnets", "blended", "wanet", "sig", "lf", "patchmove", "dct")
 TARGET = 0
 
 _CORNERS = ("br", "bl", "tr", "tl")
@@ -163,7 +164,60 @@ def _lf(x: np.ndarray, delta: float = 24.0, k: int = 3, seed: int = 0) -> np.nda
     return _to_uint8(x.astype(np.float64) + pat[None, None])
 
 
-_FUNCS = {"badnets": _badnets, "blended": _blended, "wanet": _wanet, "sig": _sig, "lf": _lf}
+# ---------------------------------------------------------------------------------------------------------------
+# Patchmove: sample-specific placement. A BadNets checker patch whose position is drawn per image from a hash of the
+# image's own bytes, uniformly over the image: it lands on the garment about as often as on the background, so a
+# defense cannot learn "look in the corner", and the same image always gets the same position.
+
+
+def patchmove_origin(image: np.ndarray, size: int = 4, seed: int = 0) -> tuple[int, int]:
+    """Top-left (row, col) of the patch in one (C, H, W) uint8 image."""
+    h, w = image.shape[-2:]
+    if size > min(h, w):
+        raise ValueError(f"a patch of size {size} does not fit a {h}x{w} image")
+    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=8,
+                             key=seed.to_bytes(8, "little")).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+
+
+def _patchmove(x: np.ndarray, size: int = 4, seed: int = 0) -> np.ndarray:
+    patch = badnets_patch(size, "checker")
+    out = x.copy()
+    for i in range(len(x)):
+        r, c = patchmove_origin(x[i], size, seed)
+        out[i, :, r:r + size, c:c + size] = patch
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DCT: a second low-frequency family. A sum of the lowest 2-D DCT-II basis images (1 <= u + v <= order) with seeded
+# random signs, added at peak amplitude delta; the trigger lives entirely in a few coefficients that blur, pooling and
+# a coarse-content prior all keep (the frequency-domain view of Zeng et al., "Rethinking the Backdoor Attacks'
+# Triggers: A Frequency Perspective", ICCV 2021).
+
+
+def dct_pattern(h: int, w: int, delta: float = 20.0, order: int = 3, seed: int = 0) -> np.ndarray:
+    """(H, W) float pattern with max |value| == delta."""
+    rng = np.random.default_rng(seed)
+    ys = (np.arange(h) + 0.5) / h
+    xs = (np.arange(w) + 0.5) / w
+    full = np.zeros((h, w))
+    for u in range(order + 1):
+        for v in range(order + 1 - u):
+            if u + v == 0:
+                continue
+            full += rng.choice((-1.0, 1.0)) * np.outer(np.cos(np.pi * u * ys), np.cos(np.pi * v * xs))
+    return delta * full / np.max(np.abs(full))
+
+
+def _dct(x: np.ndarray, delta: float = 20.0, order: int = 3, seed: int = 0) -> np.ndarray:
+    pat = dct_pattern(x.shape[2], x.shape[3], delta, order, seed)
+    return _to_uint8(x.astype(np.float64) + pat[None, None])
+
+
+_FUNCS = {"badnets": _badnets, "blended": _blended, "wanet": _wanet, "sig": _sig, "lf": _lf,
+          "patchmove": _patchmove, "dct": _dct}
 
 
 def apply_trigger(images: np.ndarray, attack: str, **params) -> np.ndarray:
@@ -175,6 +229,8 @@ def apply_trigger(images: np.ndarray, attack: str, **params) -> np.ndarray:
       wanet:   k [4], s [0.5], seed [0]
       sig:     delta [20], f [6]
       lf:      delta [24], k [3], seed [0]
+      patchmove: size [4], seed [0] (a checker patch, placed per image from a hash of its bytes)
+      dct:     delta [20], order [3], seed [0]
     """
     if attack not in _FUNCS:
         raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")

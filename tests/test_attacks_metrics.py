@@ -48,7 +48,7 @@ def test_shape_dtype_determinism(attack: str, c: int | None) -> None:
     assert not np.array_equal(a, x), "trigger must change the images"
 
 
-@pytest.mark.parametrize("attack", ["blended", "wanet", "lf"])
+@pytest.mark.parametrize("attack", ["blended", "wanet", "lf", "patchmove", "dct"])
 def test_seed_changes_pattern(attack: str) -> None:
     x = _rng_images()
     assert not np.array_equal(apply_trigger(x, attack, seed=0), apply_trigger(x, attack, seed=1))
@@ -120,6 +120,35 @@ def test_unknown_attack_and_bad_input() -> None:
         apply_trigger(np.zeros((2, 28, 28), np.float32), "badnets")
     with pytest.raises(ValueError, match="shape"):
         apply_trigger(np.zeros((28, 28), np.uint8), "badnets")
+
+
+def test_patchmove_places_the_patch_per_image() -> None:
+    from pipeline.attacks import badnets_patch, patchmove_origin
+
+    x = _rng_images(n=200, seed=3)
+    out = apply_trigger(x, "patchmove")
+    origins = [patchmove_origin(img[None]) for img in x]
+    for img, (r, c) in zip(out, origins):
+        assert np.array_equal(img[r:r + 4, c:c + 4], badnets_patch(4, "checker"))
+    assert len(set(origins)) > 100, "the position must vary with the image"
+    rows = np.array([r for r, _ in origins])
+    # uniform over the image: both halves, and the middle (where the garment is) as well as the border
+    assert 0.3 < np.mean(rows < 12) < 0.7 and np.mean((rows > 6) & (rows < 18)) > 0.3
+    assert patchmove_origin(x[0][None]) == patchmove_origin(x[0][None].copy())
+
+
+def test_dct_trigger_lives_in_low_frequencies() -> None:
+    from pipeline.attacks import dct_pattern
+
+    pat = dct_pattern(28, 28, delta=20.0, order=3)
+    assert np.isclose(np.abs(pat).max(), 20.0) and abs(pat.mean()) < 1e-9
+    # project on the orthonormal DCT-II basis: every coefficient with u + v > 3 is zero
+    n = 28
+    k = np.arange(n)
+    basis = np.cos(np.pi * (k[None, :] + 0.5) * k[:, None] / n)
+    coef = basis @ pat @ basis.T
+    u, v = np.meshgrid(k, k, indexing="ij")
+    assert np.abs(coef[u + v > 3]).max() < 1e-6 * np.abs(coef).max()
 
 
 def test_triggered_eval_set_drops_target_class() -> None:
