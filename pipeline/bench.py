@@ -60,6 +60,15 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     # Cheaper passes, more of them: 4 DDIM steps after the locator (6 NFE a pass; ~19 mean NFE at k 5, ~26 at k 7).
     ("vote-guided4-k5-gate-unveil", "cascade", {"base": "guided", "steps": 4, "k": 5, "escalate": "always"}),
     ("vote-guided4-k7-gate-unveil", "cascade", {"base": "guided", "steps": 4, "k": 7, "escalate": "always"}),
+    # The gate measured per job: open below the q-quantile of the black box's top probability on its first rows.
+    ("vote-guided-k5-q25-unveil", "cascade", {"base": "guided", "k": 5, "escalate": "always",
+                                              "original_quantile": 0.25}),
+    ("vote-guided-k5-q40-unveil", "cascade", {"base": "guided", "k": 5, "escalate": "always",
+                                              "original_quantile": 0.4}),
+    ("vote-guided4-k5-q25-unveil", "cascade", {"base": "guided", "steps": 4, "k": 5, "escalate": "always",
+                                               "original_quantile": 0.25}),
+    ("vote-guided4-k5-q40-unveil", "cascade", {"base": "guided", "steps": 4, "k": 5, "escalate": "always",
+                                               "original_quantile": 0.4}),
 ]
 
 

@@ -105,12 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_audit)
 
     sub.add_parser("bench", help="every method x attack: efficacy and cost tables and plots (bench --help)")
+    sub.add_parser("zoo", help="methods x a zoo of victims not tuned on: per victim and the worst (zoo --help)")
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser: flags like --n must not be read by this one
         from pipeline.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["zoo"]:
+        from pipeline.zoo import main as zoo_main
+
+        return zoo_main(argv[1:])
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

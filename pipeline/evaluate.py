@@ -20,6 +20,7 @@ from pipeline.datasets import load_dataset
 from pipeline.metrics import attack_metrics, flag_confusion
 from pipeline.paths import REPO_ROOT
 from pipeline.purify import Cascade, Purifier, build_purifier, load_model
+from pipeline.purify.cascade import Answer
 
 VICTIMS_DIR = REPO_ROOT / "models" / "victims"
 
@@ -124,6 +125,18 @@ def run_defense(defense: Purifier | Cascade, images: np.ndarray, keys: Sequence[
     return Pass(classify(p.images).labels, classify(images).labels, p.nfe, p.seconds)
 
 
+def calibrate_vote(defense: Purifier | Cascade, classify: Callable[[np.ndarray], Prediction],
+                   clean: np.ndarray) -> float | None:
+    """Measure a vote's gate in process as `sanitize` does on a job's first rows; here the first clean images, what
+    a job whose data is mostly clean measures (a few poisoned rows among them move the quantile by their share).
+    None when the method has no measured gate."""
+    if not isinstance(defense, Cascade) or defense.original_quantile is None or not defense.original_votes:
+        return None
+    rows = clean[: defense.calibration_rows]
+    a = Answer.of(classify(rows), len(rows))
+    return defense.calibrate(None if a.scores is None else np.where(a.labels >= 0, a.scores.max(1), np.nan))
+
+
 def eval_images(n: int, offset: int = 0, data: str = "fmnist") -> tuple[np.ndarray, np.ndarray]:
     images, labels = load_dataset(data, "test")
     idx = np.arange(offset, offset + n) % len(images)
@@ -141,6 +154,7 @@ def evaluate(defense: Purifier | Cascade, attacks: Sequence[str], n: int = 500, 
     for attack in attacks:
         classify = victim_classifier(attack, victims_dir, (clean.shape[1], clean.shape[-1]))
         trig = apply_trigger(clean, attack)
+        gate = calibrate_vote(defense, classify, clean)
         with PeakRSS() as mem:
             if not isinstance(defense, Cascade) and clean_purified is None:
                 clean_purified = purify_all(defense, clean, keys_clean, seed, batch_size)
@@ -159,6 +173,7 @@ def evaluate(defense: Purifier | Cascade, attacks: Sequence[str], n: int = 500, 
             "flag_precision": fc["precision"], "flag_recall": fc["recall"],
             "nfe": float(np.concatenate([pc.nfe, pt.nfe]).mean()),
             "img_per_s": 2 * n / secs if secs > 0 else float("nan"), "peak_rss_mib": mem.mib, "n": n,
+            **({"gate": gate} if gate is not None else {}),
         })
     return rows
 

@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
@@ -31,7 +32,7 @@ from pipeline.placement import PlacementError, PlanDemand, check_placement, plan
 from pipeline.progress import ProgressLine
 from pipeline.requeue import release_retryable
 from pipeline.service import ServiceHandle, start_service
-from pipeline.sink import to_output_batch
+from pipeline.sink import is_empty_error, to_output_batch
 from pipeline.sources import (
     SourceSpec,
     checkpoint_config,
@@ -63,13 +64,15 @@ class Summary:
     queries: int = 0  # images the black box was asked about in this run (what its owner counts)
     budget_rejected: int = 0
     unet_share: float = 0.0  # share of the purify actors' wall time spent in the diffusion model
+    gate: float | None = None  # the vote's original-label gate as measured on the job's first rows (if measured)
 
     def line(self) -> str:
         retry = f" ({self.retryable} retryable: rerun the same job to retry them)" if self.retryable else ""
         return (f"rows {self.rows_total} (this run {self.rows_this_run}), errors {self.errors}{retry}, "
                 f"flagged {self.flagged}, mean NFE {self.mean_nfe:.1f}, {self.seconds:.1f}s, "
                 f"{self.images_per_s:.1f} img/s, black-box queries {self.queries}, "
-                f"model busy {100 * self.unet_share:.0f}% -> {self.output}")
+                f"model busy {100 * self.unet_share:.0f}%"
+                + (f", gate {self.gate:.3f}" if self.gate is not None else "") + f" -> {self.output}")
 
 
 def blackbox_uri(uri: str) -> str:
@@ -236,14 +239,16 @@ def start_blackbox(cfg: JobConfig) -> ServiceHandle:
 
 
 def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_size: int, model_channels: int,
-               service: ServiceHandle):
-    """The Ray Data plan up to (not including) the write."""
+               service: ServiceHandle, params: dict[str, Any] | None = None):
+    """The Ray Data plan up to (not including) the write; `params`: the method's, as measured (default: the
+    config's)."""
     from ray.data import ActorPoolStrategy
 
     r = cfg.resources
     demand = cluster_demand(cfg)
     purify_kw = {"model": cfg.model.name, "device": cfg.model.device, "dtype": cfg.model.dtype,
-                 "method": cfg.purify.method, "params": dict(cfg.purify.params), "seed": cfg.purify.seed,
+                 "method": cfg.purify.method, "params": dict(cfg.purify.params if params is None else params),
+                 "seed": cfg.purify.seed,
                  "service": service.names, "namespace": service.namespace, "torch_threads": r.torch_threads}
     pool = ActorPoolStrategy(min_size=r.purify_actors, max_size=r.max_purify_actors or r.purify_actors)
 
@@ -261,6 +266,55 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
     return ds.map_batches(PurifyStage, compute=pool, num_gpus=demand.gpus_per_purifier,
                           num_cpus=demand.cpus_per_purifier, batch_size=r.purify_batch_size, batch_format="numpy",
                           fn_constructor_kwargs=purify_kw)
+
+
+def measured_gate(cfg: JobConfig) -> tuple[float, int] | None:
+    """(quantile, rows) when the method is a vote whose original-label gate is measured on the job's first rows."""
+    from pipeline.purify.cascade import DEFAULTS
+
+    p = {**DEFAULTS, **cfg.purify.params}
+    if cfg.purify.method != "cascade" or p["original_quantile"] is None or not p["original_votes"]:
+        return None
+    if "original_below" in cfg.purify.params:  # given with the quantile: an earlier measurement, kept
+        return None
+    return float(p["original_quantile"]), int(p["calibration_rows"])
+
+
+def first_images(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, size: int, channels: int,
+                 rows: int) -> np.ndarray:
+    """The source's first `rows` images that decode, in source order (a rerun reads the same ones)."""
+    ds = read_source(spec, fs_in).limit(rows)
+    ds = ds.map_batches(decode_batch, batch_size=rows, batch_format="numpy", num_cpus=cfg.resources.decode_cpus,
+                        fn_kwargs={"size": size, "channels": channels, "policy": cfg.source.decode_policy,
+                                   "max_bytes": cfg.source.max_image_bytes})
+    from ray.data import DataContext
+
+    opts = DataContext.get_current().execution_options
+    ordered, opts.preserve_order = opts.preserve_order, True  # the first rows, not the first to arrive
+    try:
+        batch = ds.take_batch(rows, batch_format="numpy")
+    finally:
+        opts.preserve_order = ordered
+    ok = [is_empty_error(e) for e in batch["error"]]
+    return np.ascontiguousarray(batch["image"][ok])
+
+
+def calibrate_gate(quantile: float, images: np.ndarray, service: ServiceHandle) -> float:
+    """Ask the black box about `images` (billed like any query) and return the gate: the `quantile` of its top
+    probability. Shut (0.0) when it gives labels only or nothing could be measured."""
+    import ray
+
+    from pipeline.purify.cascade import Answer, gate_threshold
+
+    if not len(images):
+        log.warning("no decodable image among the source's first rows: the vote's original-label gate stays shut")
+        return 0.0
+    a = Answer.of(ray.get(service.actors[0].predict.remote(images)), len(images))
+    if a.scores is None:
+        log.warning("the black box gives labels only: the vote's original-label gate stays shut")
+        return 0.0
+    top = np.where(a.labels >= 0, a.scores.max(1), np.nan)
+    return gate_threshold(top, quantile)
 
 
 def wait_for_tasks_to_end(cpus_before: float, timeout_s: float = FENCE_S) -> bool:
@@ -307,6 +361,10 @@ def run_sanitize(cfg: JobConfig) -> Summary:
 
     log_once("ray_data_progress_manager_disabled")  # off on purpose: spare the user Ray's advice to turn them on
     ctx.target_max_block_size = cfg.resources.max_block_kib * 1024
+    # Read before resume is set up: with a checkpoint, Ray Data would skip rows already done, and a rerun would
+    # measure the gate on other rows than the first run did.
+    gate_spec = measured_gate(cfg)
+    calib = first_images(cfg, spec, fs_in, size, channels, gate_spec[1]) if gate_spec else None
     id_col = pre.id_column
     retried = 0
     if cfg.output.resume and id_col:
@@ -323,8 +381,14 @@ def run_sanitize(cfg: JobConfig) -> Summary:
     cpus_free = ray.available_resources().get("CPU", 0.0)
     t0 = time.time()
     service = start_blackbox(cfg)
+    gate = None
     try:
-        ds = build_plan(cfg, spec, fs_in, size, channels, service)
+        params = dict(cfg.purify.params)
+        if gate_spec and calib is not None:
+            gate = params["original_below"] = calibrate_gate(gate_spec[0], calib, service)
+            log.info("vote gate: %.4f, the %.2f quantile of the black box's top probability on the first %d "
+                     "images", gate, gate_spec[0], len(calib))
+        ds = build_plan(cfg, spec, fs_in, size, channels, service, params)
         ds = ds.map_batches(to_output_batch, batch_format="numpy", batch_size=cfg.resources.query_batch_size,
                             fn_kwargs={"keep_orig": cfg.output.keep_original,
                                        "id_column": id_col if id_col != "key" else None})
@@ -362,6 +426,6 @@ def run_sanitize(cfg: JobConfig) -> Summary:
                 images_per_s=this_run / seconds if seconds > 0 else 0.0, output=cfg.output.uri,
                 retryable=retryable, retried=retried, queries=int(bb_stats.get("images", 0)),
                 budget_rejected=int(bb_stats.get("budget_rejected", 0)),
-                unet_share=float(bb_stats.get("unet_share", 0.0)))
+                unet_share=float(bb_stats.get("unet_share", 0.0)), gate=gate)
     log.info("summary: %s", asdict(s))
     return s

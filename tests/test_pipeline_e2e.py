@@ -159,3 +159,40 @@ def test_driver_killed_midway_then_rerun_has_every_key_once(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     table = read_output(pafs.LocalFileSystem(), str(out))
     assert_exactly_once(table, src.expected)
+
+
+def test_vote_gate_measured_on_the_first_rows(ray_local, tmp_path):
+    """original_quantile: the gate is the quantile of the black box's top probability on the source's first rows,
+    the same on a rerun, recorded with every row, and it is what decides where the original label votes."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.blackbox import InputSpec, open_blackbox
+
+    shards = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=2, per_shard=20,
+                                fmt="parquet")
+    cfg = load_config(overrides=[
+        f"source.uri={tmp_path / 'src'}", f"output.uri={tmp_path / 'out'}", "purify.method=cascade",
+        CASCADE[:-1] + ", original_quantile: 0.5, calibration_rows: 16}", *FAST[1:]])
+    summary = run_sanitize(cfg)
+
+    first = pq.read_table(sorted((tmp_path / "src").glob("*.parquet"))[0]).slice(0, 16)
+    images = np.stack([decode_png(b) for b in first["image"].to_pylist()])
+    victim = open_blackbox(f"onnx:{REPO / 'models/victims/badnets.onnx'}", InputSpec())
+    want = float(np.quantile(victim.predict(images).scores.max(1), 0.5))
+    assert summary.gate == pytest.approx(want, abs=1e-6)
+    assert summary.queries >= 16 + 2 * len(shards.expected)  # the measurement is billed like any query
+
+    table = read_output(pafs.LocalFileSystem(), str(tmp_path / "out"))
+    assert_exactly_once(table, shards.expected)
+    rows = table.to_pylist()
+    for r in rows:
+        p = json.loads(r["params"])
+        assert p["original_quantile"] == 0.5 and p["original_below"] == pytest.approx(want, abs=1e-6)
+        if r["nfe"] == 3:  # decided after one pass: only where the gate let the original label vote
+            assert r["score_orig"] < summary.gate and r["pred_purified"] == r["pred_orig"], r
+    assert any(r["nfe"] == 3 for r in rows) and any(r["score_orig"] >= summary.gate for r in rows)
+
+    again = run_sanitize(cfg)  # resume: nothing left to do, and the same rows measure the same gate
+    assert again.rows_this_run == 0 and again.gate == summary.gate

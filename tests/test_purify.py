@@ -537,3 +537,33 @@ def test_loading_the_embedded_model_logs_no_warning(recwarn):
     assert not [r.getMessage() for r in records]
     assert not [str(w.message) for w in recwarn.list]
     assert sum(p.numel() for p in loaded.unet.parameters()) == 1_692_801  # the model really loaded
+
+
+def test_measured_gate_is_a_quantile_of_the_black_box_own_answers(model):
+    from pipeline.purify import build_purifier
+    from pipeline.purify.cascade import gate_threshold
+
+    top = np.array([0.2, 0.9, 0.5, np.nan, 0.7], np.float32)
+    assert gate_threshold(top, 0.5) == pytest.approx(np.quantile([0.2, 0.9, 0.5, 0.7], 0.5))
+    assert gate_threshold(None, 0.5) == 0.0 and gate_threshold(np.full(3, np.nan), 0.5) == 0.0
+
+    vote = build_purifier("cascade", model, {"base": "sdedit", "t_start": 100, "steps": 1, "k": 3,
+                                             "original_quantile": 0.4})
+    assert vote.needs_calibration and vote.original_below is None
+    imgs = batch(2)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        vote.run(imgs, ["a", "b"], 0, lambda x: np.zeros(len(x), np.int64))
+    # Two victims that rank their answers alike but state them on other scales measure other thresholds that open
+    # the gate for the same rows: the less sure half of what each says.
+    for scale in (1.0, 0.9):
+        thr = vote.calibrate(scale * np.array([0.99, 0.999, 0.6, 0.9999, 0.7]))
+        assert thr == pytest.approx(scale * np.quantile([0.99, 0.999, 0.6, 0.9999, 0.7], 0.4))
+        opened = vote.ballots(np.array([1, 1, 1, 1, 1]), scale * np.array([0.99, 0.999, 0.6, 0.9999, 0.7]))
+        assert (opened[:, 0] >= 0).tolist() == [False, False, True, False, True]
+    assert vote.params()["original_quantile"] == 0.4 and vote.params()["original_below"] == pytest.approx(thr)
+    # Given with the quantile, a threshold is that measurement (what sanitize hands its purify actors).
+    again = build_purifier("cascade", model, {**{k: v for k, v in vote.params().items() if k != "base"},
+                                              "base": "sdedit"})
+    assert not again.needs_calibration and again.original_below == pytest.approx(thr)
+    with pytest.raises(ValueError, match="original_quantile"):
+        build_purifier("cascade", model, {"original_quantile": 1.5})

@@ -41,21 +41,27 @@ METHODS: dict[str, type[Purifier]] = {"none": Identity, "sdedit": SDEdit, "zip":
 def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | None = None,
                    dtype: str = "float32") -> Purifier | Cascade:
     """Construct (and so validate) a method. Cascade takes `base` (a method name), `k`, `escalate`,
-    `original_votes`, `original_below`, and the base's own params; unknown params raise a TypeError naming them."""
+    `original_votes`, `original_below`, `original_quantile`, `calibration_rows`, and the base's own params; unknown
+    params raise a TypeError naming them."""
     params = dict(params or {})
     if method == "cascade":
         base = params.pop("base", CASCADE_DEFAULTS["base"])
         k = params.pop("k", CASCADE_DEFAULTS["k"])
         escalate = params.pop("escalate", CASCADE_DEFAULTS["escalate"])
         original_votes = params.pop("original_votes", CASCADE_DEFAULTS["original_votes"])
-        original_below = params.pop("original_below", CASCADE_DEFAULTS["original_below"])
+        original_quantile = params.pop("original_quantile", CASCADE_DEFAULTS["original_quantile"])
+        calibration_rows = params.pop("calibration_rows", CASCADE_DEFAULTS["calibration_rows"])
+        # A measured gate has no threshold until the job measures it; one given with it is that measurement.
+        original_below = params.pop("original_below", None if original_quantile is not None
+                                    else CASCADE_DEFAULTS["original_below"])
         if base == "cascade":
             raise ValueError("a cascade's base must be a single-pass method")
         if base == "sdedit":
             for name, value in SDEDIT_BASE.items():
                 params.setdefault(name, value)
         return Cascade(build_purifier(base, model, params, dtype), k=k,  # type: ignore[arg-type]
-                       escalate=escalate, original_votes=original_votes, original_below=original_below)
+                       escalate=escalate, original_votes=original_votes, original_below=original_below,
+                       original_quantile=original_quantile, calibration_rows=calibration_rows)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted([*METHODS, 'cascade'])}")
     try:

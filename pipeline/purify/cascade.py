@@ -11,11 +11,17 @@ Passes stop as soon as the vote is decided (the leader cannot be caught by the p
 costs two passes, and three only where the first two disagree.
 
 The original label can cast `original_votes` ballots, but only where the black box's own probability for it is
-below `original_below` (ours, on by default): a trigger is a shortcut that makes the model certain, while the clean
+below a threshold (ours, on by default): a trigger is a shortcut that makes the model certain, while the clean
 images that noisy passes push into a wrong class are mostly ones the model was unsure about. So the original helps
 where purification costs clean accuracy, and stays out where it would vote for a trigger. A label-only black box
-(no scores) never opens the gate, which leaves the plain vote. What these rules measure on the embedded model:
-docs/methods.md.
+(no scores) never opens the gate, which leaves the plain vote.
+
+The threshold is either fixed (`original_below`) or, with `original_quantile` q, measured once per job on the black
+box's own answers: the q-quantile of its top probability on the job's first `calibration_rows` images
+(`Cascade.calibrate`). "Certain" is a property of each model (label smoothing caps a victim's probabilities near .9,
+a long unregularised training puts most clean images above .99), so a fixed probability opens the gate for every
+triggered image of one victim and for no clean image of another; a rank within the model's own answers means the
+same thing for both. What these rules measure: docs/methods.md and docs/zoo.md.
 
 The rounds are written once, as generators (`Cascade.steps`, `one_pass_steps`) that yield what they need next, a
 purifier pass (`PurifyStep`) or a query (`QueryStep`), and receive the answer. `drive` runs them inline with a plain
@@ -42,7 +48,8 @@ Classify = Callable[[np.ndarray], Any]
 # the original label casts 2 ballots where the black box gave it less than .95. With `base: sdedit`, SDEDIT_BASE
 # fills what the user leaves out (a plain-SDEdit vote); other bases use their own defaults. Chosen by
 # `python -m pipeline bench` (docs/benchmarks.md).
-DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", "original_votes": 2, "original_below": 0.95}
+DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", "original_votes": 2, "original_below": 0.95,
+                  "original_quantile": None, "calibration_rows": 256}
 SDEDIT_BASE: dict = {"t_start": 300, "steps": 8, "eta": 1.0}
 ESCALATE = ("flip", "always")
 K_MAX = 64  # passes per image: a vote of more is a configuration mistake, not a setting
@@ -263,33 +270,70 @@ def drive(steps: Steps, images: np.ndarray, keys: Sequence[str], purify: Purifie
             answer = classify(step.images)
 
 
+def gate_threshold(top_scores: np.ndarray | None, quantile: float) -> float:
+    """The calibrated gate: the `quantile` of a black box's top probability over some of its answers (NaN rows, a
+    failed query, left out). 0.0, a gate that never opens, when there is nothing to measure (a label-only black box)."""
+    if top_scores is None:
+        return 0.0
+    s = np.asarray(top_scores, np.float64)
+    s = s[~np.isnan(s)]
+    return float(np.quantile(s, quantile)) if s.size else 0.0
+
+
 class Cascade:
     """Wraps a base purifier: `k` passes at most per image, escalated by `escalate` (`flip` or `always`); the
-    original label casts `original_votes` ballots where the black box's probability for it is below
-    `original_below` (None: always)."""
+    original label casts `original_votes` ballots where the black box's probability for it is below the gate's
+    threshold: `original_below` (None: always), or with `original_quantile` the threshold `calibrate` measures on
+    the first `calibration_rows` images of the job (`original_below`, if given too, is taken as that measurement)."""
 
     name = "cascade"
 
     def __init__(self, base: Purifier, k: int = DEFAULTS["k"], escalate: str = DEFAULTS["escalate"],
                  original_votes: int = DEFAULTS["original_votes"],
-                 original_below: float | None = DEFAULTS["original_below"]) -> None:
+                 original_below: float | None = DEFAULTS["original_below"],
+                 original_quantile: float | None = DEFAULTS["original_quantile"],
+                 calibration_rows: int = DEFAULTS["calibration_rows"]) -> None:
         if not 1 <= int(k) <= K_MAX:
             raise ValueError(f"k must be in [1, {K_MAX}], got {k}")
         if escalate not in ESCALATE:
             raise ValueError(f"escalate must be one of {ESCALATE}, got {escalate!r}")
         if not 0 <= int(original_votes) <= k:
             raise ValueError(f"original_votes must be in [0, k={k}], got {original_votes}")
-        if original_below is not None and not 0.0 < float(original_below) <= 1.0:
+        if original_quantile is not None and not 0.0 < float(original_quantile) < 1.0:
+            raise ValueError(f"original_quantile must be in (0, 1) or null, got {original_quantile}")
+        lowest = 0.0 if original_quantile is not None else 1e-12  # a measured gate may be shut (label-only)
+        if original_below is not None and not lowest <= float(original_below) <= 1.0:
             raise ValueError(f"original_below must be in (0, 1] (a probability) or null, got {original_below}")
+        if not 1 <= int(calibration_rows) <= 100_000:
+            raise ValueError(f"calibration_rows must be in [1, 100000], got {calibration_rows}")
         self.base, self.k, self.escalate = base, int(k), escalate
         self.original_votes = int(original_votes)
+        self.original_quantile = None if original_quantile is None else float(original_quantile)
+        self.calibration_rows = int(calibration_rows)
         self.original_below = None if original_below is None else float(original_below)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """A measured gate not measured yet: the rounds refuse to run until `calibrate`."""
+        return self.original_quantile is not None and self.original_votes > 0 and self.original_below is None
+
+    def calibrate(self, top_scores: np.ndarray | None) -> float:
+        """Measure the gate on the black box's top probabilities for the job's first images; returns the threshold."""
+        if self.original_quantile is None:
+            raise ValueError("calibrate() needs original_quantile")
+        self.original_below = gate_threshold(top_scores, self.original_quantile)
+        return self.original_below
+
     def params(self) -> dict[str, Any]:
-        return {"base": self.base.name, **self.base.params(), "k": self.k, "escalate": self.escalate,
-                "original_votes": self.original_votes, "original_below": self.original_below}
+        out = {"base": self.base.name, **self.base.params(), "k": self.k, "escalate": self.escalate,
+               "original_votes": self.original_votes, "original_below": self.original_below}
+        if self.original_quantile is not None:
+            out.update(original_quantile=self.original_quantile, calibration_rows=self.calibration_rows)
+        return out
 
     def ballots(self, pred_orig: np.ndarray, score_orig: np.ndarray | None) -> np.ndarray:
+        if self.needs_calibration:
+            raise RuntimeError("the vote's gate is measured per job (original_quantile): call calibrate() first")
         return original_ballots(pred_orig, score_orig, self.original_votes, self.original_below)
 
     @property

@@ -1,0 +1,299 @@
+"""The victim-zoo benchmark: every method against every victim of a zoo (architectures, recipes and attacks the
+defense was not tuned on), per victim with standard errors, and the spread across victims with the worst one first.
+
+    python -m pipeline zoo [--zoo models/zoo] [--n 1000] [--only none,sdedit-250,...] [--out docs/zoo]
+
+Methods are the benchmark's grid labels (`pipeline.bench.GRID`). Each victim is queried as a black box (ONNX) on the
+first `--n` clean test images and on the triggered copies of those of them whose label is not the target. The vote
+runs its own rounds (`Cascade.run`, the code path of `sanitize`); purification is memoised per (image, key, seed),
+which changes nothing since a purifier's output depends only on those, so victims that see the same images share it.
+
+Goals per victim (the defense's bar on models it was not tuned on): CA within 2 points of the victim undefended,
+ASR within 1 point of the floor, PA >= CA - 3 points, mean NFE <= 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import pickle
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.attacks import TARGET, apply_trigger
+from pipeline.evaluate import calibrate_vote, eval_images, run_defense, victim_classifier
+from pipeline.metrics import attack_metrics
+from pipeline.paths import REPO_ROOT
+from pipeline.purify import Cascade, build_purifier, load_model
+from pipeline.purify.models import pick_device
+
+ZOO_DIR = REPO_ROOT / "models" / "zoo"
+# The published baselines at their best CPU-affordable settings, our best single pass and the default vote.
+DEFAULT_METHODS = ("none", "sdedit-250", "zip-pool2", "sampdetox-ddim", "guided", "vote-guided-k5-gate-unveil")
+DEFAULT_LABEL = "vote-guided-k5-gate-unveil"
+GOALS = {"ca_drop": 0.02, "asr_over_floor": 0.01, "pa_gap": 0.03, "nfe": 20.0}
+CONFIDENCE_BINS = (0.0, 0.5, 0.8, 0.95, 1.01)
+
+
+def load_zoo(path: Path) -> list[dict]:
+    """The victims of a zoo manifest (`jobs/train_zoo.py` writes it), each with the absolute path of its file."""
+    manifest = Path(path) / "zoo.json" if Path(path).is_dir() else Path(path)
+    if not manifest.exists():
+        raise FileNotFoundError(f"no zoo manifest at {manifest}: train the zoo with jobs/train_zoo.py")
+    data = json.loads(manifest.read_text())
+    victims = data.get("victims") or []
+    if not victims:
+        raise ValueError(f"{manifest} lists no victims")
+    for v in victims:
+        v["path"] = manifest.parent / v["file"]
+        if not v["path"].exists():
+            raise FileNotFoundError(f"victim {v['name']!r}: {v['path']} is missing")
+    return victims
+
+
+@dataclass
+class _Memoised:
+    images: np.ndarray  # uint8 (N, C, H, W)
+    nfe: torch.Tensor
+
+    def uint8(self) -> np.ndarray:
+        return self.images
+
+
+class MemoPurifier:
+    """A purifier whose outputs are kept per (image bytes, key, seed). A purifier's output depends on exactly these
+    (noise is seeded per key and seed, never per batch), so replaying a kept one is the same as recomputing it."""
+
+    def __init__(self, base: Any, store: dict | None = None) -> None:
+        self.base, self.name = base, base.name
+        self.store: dict = {} if store is None else store
+        self.computed = 0
+
+    def params(self) -> dict[str, Any]:
+        return self.base.params()
+
+    @property
+    def nominal_nfe(self) -> float:
+        return self.base.nominal_nfe
+
+    def __call__(self, images: np.ndarray, keys: list[str], seed: int = 0) -> _Memoised:
+        images = np.asarray(images)
+        ids = [(hashlib.blake2b(img.tobytes(), digest_size=16).hexdigest(), str(k), int(seed))
+               for img, k in zip(images, keys)]
+        todo = [i for i, key in enumerate(ids) if key not in self.store]
+        if todo:
+            res = self.base(images[todo], [keys[i] for i in todo], seed)
+            out, nfe = res.uint8(), res.nfe.numpy()
+            for j, i in enumerate(todo):
+                self.store[ids[i]] = (out[j], int(nfe[j]))
+            self.computed += len(todo)
+        got = [self.store[key] for key in ids]
+        return _Memoised(np.stack([g[0] for g in got]), torch.tensor([g[1] for g in got], dtype=torch.long))
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n and not math.isnan(p) else float("nan")
+
+
+def victim_row(victim: dict, label: str, clean_pred: np.ndarray, clean_orig: np.ndarray, clean_conf: np.ndarray,
+               labels: np.ndarray, trig_pred: np.ndarray, trig_labels: np.ndarray, nfe: np.ndarray) -> dict:
+    """Metrics of one method on one victim, with binomial standard errors and the paired one of the CA drop, and
+    the clean images lost / won against the victim undefended, by the victim's confidence in its own answer."""
+    m = attack_metrics(clean_pred, labels, trig_pred, trig_labels, TARGET)
+    und = attack_metrics(clean_orig, labels, np.zeros(0, np.int64), np.zeros(0, np.int64), TARGET)
+    right_def, right_und = clean_pred == labels, clean_orig == labels
+    diff = right_und.astype(float) - right_def.astype(float)
+    lost, won = right_und & ~right_def, right_def & ~right_und
+    bins = np.digitize(clean_conf, CONFIDENCE_BINS[1:-1])
+    by_conf = [{"confidence": f"{lo:.2f}-{min(hi, 1.0):.2f}", "clean": int(np.sum(bins == b)),
+                "lost": int(np.sum(lost & (bins == b))), "won": int(np.sum(won & (bins == b)))}
+               for b, (lo, hi) in enumerate(zip(CONFIDENCE_BINS[:-1], CONFIDENCE_BINS[1:]))]
+    row = {"victim": victim["name"], "arch": victim["arch"], "attack": victim["attack"], "label": label,
+           "ca": m["ca"], "pa": m["pa"], "asr": m["asr"], "floor": m["floor"], "ca_undefended": und["ca"],
+           "ca_drop": float(diff.mean()), "ca_drop_se": float(diff.std(ddof=1) / math.sqrt(len(diff))),
+           "ca_se": _se(m["ca"], m["n_clean"]), "pa_se": _se(m["pa"], m["n_poison"]),
+           "asr_se": _se(m["asr"], m["n_poison"]), "floor_se": _se(m["floor"], m["n_clean_nontarget"]),
+           "nfe": float(np.mean(nfe)), "n_clean": m["n_clean"], "n_triggered": m["n_poison"],
+           "lost": int(lost.sum()), "won": int(won.sum()), "lost_won_by_confidence": by_conf}
+    row["asr_over_floor"] = row["asr"] - row["floor"]
+    row["pa_gap"] = row["ca"] - row["pa"]
+    row["meets"] = {k: bool(row[k] <= GOALS[k] + 1e-12) for k in GOALS}
+    return row
+
+
+def spread(rows: list[dict]) -> list[dict]:
+    """Per method: the worst victim and the median for each goal's measure, and how many victims meet every goal."""
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        sub = [r for r in rows if r["label"] == label]
+        s: dict[str, Any] = {"label": label, "victims": len(sub),
+                             "meet_all": sum(all(r["meets"].values()) for r in sub)}
+        for key in ("ca_drop", "asr_over_floor", "pa_gap"):
+            worst = max(sub, key=lambda r: r[key])
+            s[key] = {"worst": worst[key], "worst_victim": worst["victim"],
+                      "worst_se": worst.get(f"{key}_se", worst["asr_se"] if key == "asr_over_floor" else
+                                            worst["pa_se"]),
+                      "median": float(np.median([r[key] for r in sub]))}
+        s["nfe"] = {"worst": max(r["nfe"] for r in sub), "median": float(np.median([r["nfe"] for r in sub]))}
+        out.append(s)
+    return out
+
+
+def run(victims: list[dict], methods: list[tuple[str, str, dict]], model: Any, n: int, seed: int,
+        batch_size: int, dtype: str, memo: dict | None = None) -> Iterator[tuple[str, int, list[dict]]]:
+    """Per method, in order: (label, images purified for it, one row per victim)."""
+    clean4, labels = eval_images(n)
+    shape = (clean4.shape[1], clean4.shape[-1])
+    keep = np.flatnonzero(labels != TARGET)
+    triggered = {t: apply_trigger(clean4[keep], t) for t in dict.fromkeys(v["trigger"] for v in victims)}
+    keys_clean = [f"clean-{i}" for i in range(n)]
+    memo = {} if memo is None else memo
+    classifiers = {v["name"]: victim_classifier(v["path"].stem, v["path"].parent, shape) for v in victims}
+    originals = {}
+    for v in victims:
+        ans = classifiers[v["name"]](clean4)
+        originals[v["name"]] = (ans.labels, np.asarray(ans.scores).max(1))
+    for label, method, params in methods:
+        rows = []
+        defense = build_purifier(method, model, params, dtype=dtype)
+        base = defense.base if isinstance(defense, Cascade) else defense
+        signature = json.dumps([base.name, base.params()], sort_keys=True, default=str)
+        memo_base = MemoPurifier(base, memo.setdefault(signature, {}))
+        if isinstance(defense, Cascade):
+            defense.base = memo_base
+            runner: Any = defense
+        else:
+            runner = memo_base
+        for v in victims:
+            classify = classifiers[v["name"]]
+            trig = triggered[v["trigger"]]
+            keys_trig = [f"{v['trigger']}-{i}" for i in keep]
+            if method == "none":
+                pc_labels, pt_labels, nfe = originals[v["name"]][0], classify(trig).labels, np.zeros(n + len(keep))
+            elif isinstance(runner, Cascade):
+                calibrate_vote(runner, classify, clean4)
+                pc = run_defense(runner, clean4, keys_clean, seed, classify, batch_size)
+                pt = run_defense(runner, trig, keys_trig, seed, classify, batch_size)
+                pc_labels, pt_labels, nfe = pc.labels, pt.labels, np.concatenate([pc.nfe, pt.nfe])
+            else:
+                outs = [runner(x[s:s + batch_size], k[s:s + batch_size], seed)
+                        for x, k in ((clean4, keys_clean), (trig, keys_trig)) for s in range(0, len(x), batch_size)]
+                imgs = np.concatenate([o.uint8() for o in outs])
+                nfe = np.concatenate([o.nfe.numpy() for o in outs]).astype(float)
+                pred = classify(imgs).labels
+                pc_labels, pt_labels = pred[:n], pred[n:]
+            orig, conf = originals[v["name"]]
+            rows.append(victim_row(v, label, pc_labels, orig, conf, labels, pt_labels, labels[keep], nfe))
+            if isinstance(runner, Cascade):
+                rows[-1]["gate"] = runner.original_below
+        yield label, memo_base.computed, rows
+
+
+def _fmt(r: dict) -> str:
+    def rate(key: str) -> str:
+        return f"{r[key]:.3f}±{r[key + '_se']:.3f}"
+
+    return f"{rate('ca')} / {rate('pa')} / {rate('asr')} ({r['floor']:.3f})"
+
+
+def format_tables(rows: list[dict], summary: list[dict]) -> str:
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    victims = list(dict.fromkeys(r["victim"] for r in rows))
+    out = ["### Spread across victims (worst victim first)", "",
+           "| method | mean NFE (worst) | CA drop: worst (victim) / median | ASR - floor: worst (victim) / median | "
+           "CA - PA: worst (victim) / median | victims meeting every goal |",
+           "|---|---|---|---|---|---|"]
+    for s in summary:
+        cells = [f"{s[k]['worst']:+.3f}±{s[k]['worst_se']:.3f} ({s[k]['worst_victim']}) / {s[k]['median']:+.3f}"
+                 for k in ("ca_drop", "asr_over_floor", "pa_gap")]
+        out.append(f"| {s['label']} | {s['nfe']['median']:.1f} ({s['nfe']['worst']:.1f}) | {' | '.join(cells)} | "
+                   f"{s['meet_all']} / {s['victims']} |")
+    out += ["", "### Per victim: CA / PA / ASR (floor), ± one standard error; mean NFE", "",
+            "| victim | undefended CA | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for v in victims:
+        sub = {r["label"]: r for r in rows if r["victim"] == v}
+        first = next(iter(sub.values()))
+        cells = [f"{_fmt(sub[lab])}, {sub[lab]['nfe']:.1f}" if lab in sub else "-" for lab in labels]
+        out.append(f"| {v} | {first['ca_undefended']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def lost_won_table(row: dict) -> str:
+    out = [f"Clean images of {row['victim']} under {row['label']}: lost {row['lost']} (right undefended, wrong "
+           f"defended), won {row['won']}, by the victim's probability for its own (undefended) answer.", "",
+           "| victim's confidence | clean images | lost | won |", "|---|---|---|---|"]
+    out += [f"| {b['confidence']} | {b['clean']} | {b['lost']} | {b['won']} |" for b in row["lost_won_by_confidence"]]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.bench import GRID
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline zoo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", type=Path, default=ZOO_DIR, help="folder with zoo.json (or the manifest itself)")
+    ap.add_argument("--only", default=",".join(DEFAULT_METHODS), help="comma-separated labels of the bench grid")
+    ap.add_argument("--victims", help="comma-separated victim names (default: all)")
+    ap.add_argument("--n", type=int, default=1000, help="clean test images (their non-target ones are triggered)")
+    ap.add_argument("--model", default="fmnist-tiny")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--memo", type=Path, help="keep purified images in this file across runs (same model, n, seed)")
+    ap.add_argument("--out", type=Path, default=Path("out/zoo"))
+    args = ap.parse_args(argv)
+
+    grid = {label: (label, method, params) for label, method, params in GRID}
+    wanted = args.only.split(",")
+    unknown = [w for w in wanted if w not in grid]
+    if unknown:
+        raise SystemExit(f"unknown method labels {unknown}; the bench grid has {sorted(grid)}")
+    victims = load_zoo(args.zoo)
+    if args.victims:
+        names = args.victims.split(",")
+        victims = [v for v in victims if v["name"] in names]
+        if len(victims) != len(names):
+            raise SystemExit(f"unknown victims among {names}")
+    device = pick_device(args.device)
+    model = load_model(args.model, device)
+    memo_meta = {"model": args.model, "n": args.n, "dtype": args.dtype}
+    memo: dict = {}
+    if args.memo and args.memo.exists():
+        saved = pickle.loads(args.memo.read_bytes())
+        if saved.get("meta") == memo_meta:
+            memo = saved["memo"]
+    t0 = time.time()
+    rows: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for label, computed, got in run(victims, [grid[w] for w in wanted], model, args.n, args.seed, args.batch_size,
+                                    args.dtype, memo):
+        rows += got
+        print(f"[{time.time() - t0:6.0f}s] {label}: {computed} images purified", flush=True)
+        if args.memo:  # after each method, so that a stopped run keeps what it computed
+            args.memo.parent.mkdir(parents=True, exist_ok=True)
+            args.memo.write_bytes(pickle.dumps({"meta": memo_meta, "memo": memo}))
+    seconds = round(time.time() - t0, 1)
+    summary = spread(rows)
+    meta = {"model": args.model, "device": device, "n": args.n, "seed": args.seed, "dtype": args.dtype,
+            "zoo": str(args.zoo), "victims": len(victims), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine(), "seconds": seconds}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    tables = format_tables(rows, summary)
+    worst = [r for r in rows if r["label"] == (DEFAULT_LABEL if DEFAULT_LABEL in wanted else wanted[-1])]
+    worst_row = max(worst, key=lambda r: r["ca_drop"])
+    text = (f"Model {args.model} on {device}, {len(victims)} victims, first {args.n} test images (clean) and their "
+            f"non-target ones triggered, seed {args.seed}, {seconds}s.\n\n{tables}\n\n{lost_won_table(worst_row)}\n")
+    (args.out / "results.md").write_text(text)
+    print(text)
+    print(f"wrote {args.out / 'results.md'} and results.json")
+    return 0
