@@ -40,6 +40,7 @@ def bare_loop(root: Path, method: str, params: dict, batch: int, device: str) ->
 
     from pipeline.blackbox import InputSpec, open_blackbox
     from pipeline.decode import decode_png
+    from pipeline.evaluate import calibrate_vote
     from pipeline.job import blackbox_options, blackbox_uri
     from pipeline.purify import Cascade, build_purifier, load_model
     from pipeline.purify.cascade import drive, one_pass_steps
@@ -55,6 +56,7 @@ def bare_loop(root: Path, method: str, params: dict, batch: int, device: str) ->
     keys = table["key"].to_pylist()
     t0 = time.perf_counter()
     images = np.stack([decode_png(b) for b in table["image"].to_pylist()])
+    calibrate_vote(built, lambda a: bb.predict(fit_to_spec(a, bb.spec)), images)  # the job's first-rows gate
     for s in range(0, len(images), batch):
         x, k = images[s: s + batch], keys[s: s + batch]
         if isinstance(built, Cascade):

@@ -21,6 +21,9 @@ from pipeline.evaluate import evaluate, format_rows
 from pipeline.purify import build_purifier, load_model
 from pipeline.purify.models import pick_device
 
+GUIDED6: dict[str, Any] = {"base": "guided", "steps": 6, "restart_tau": None, "original_votes": 2}
+GUIDED4: dict[str, Any] = {**GUIDED6, "steps": 4}
+
 # (label, method, params). The first rows are the baselines as published; the last ones are ours.
 GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("none", "none", {}),
@@ -48,27 +51,29 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
                                    "escalate": "always", "original_votes": 0}),
     ("vote-300-k5-s8-sharp", "cascade", {"base": "sdedit", "t_start": 300, "steps": 8, "eta": 1.0, "sharpen": 0.5,
                                          "k": 5, "escalate": "always", "original_votes": 0}),
-    ("vote-guided-k5", "cascade", {"base": "guided", "k": 5, "escalate": "always", "original_votes": 0,
+    # Votes over `guided` passes. Pinned here since the cascade's own defaults for a guided base moved on
+    # (GUIDED_BASE): 6 guided steps, no restart, 2 ballots unless a row says otherwise.
+    ("vote-guided-k5", "cascade", {**GUIDED6, "k": 5, "escalate": "always", "original_votes": 0,
                                    "black_level": 0.0}),
-    # The same vote, the original label casting 2 ballots where the victim gave it < .95 (the previous default).
-    ("vote-guided-k5-gate", "cascade", {"base": "guided", "k": 5, "escalate": "always", "black_level": 0.0}),
-    # The default method: that, unveiling with guided's domain black level.
-    ("vote-guided-k5-gate-unveil", "cascade", {"base": "guided", "k": 5, "escalate": "always"}),
-    # That, each pass restarting where its locator removed something (opt-in: BadNets ASR down, CA down a little).
-    ("vote-guided-k5-gate-unveil-restart", "cascade", {"base": "guided", "k": 5, "escalate": "always",
-                                                       "restart_tau": 0.8}),
+    # The same vote, the original label casting 2 ballots where the victim gave it < .95.
+    ("vote-guided-k5-gate", "cascade", {**GUIDED6, "k": 5, "escalate": "always", "original_below": 0.95,
+                                        "black_level": 0.0}),
+    # The previous default: that, unveiling with guided's domain black level.
+    ("vote-guided-k5-gate-unveil", "cascade", {**GUIDED6, "k": 5, "escalate": "always", "original_below": 0.95}),
+    # That, each pass restarting where its locator removed something (BadNets ASR down, CA down a little).
+    ("vote-guided-k5-gate-unveil-restart", "cascade", {**GUIDED6, "k": 5, "escalate": "always",
+                                                       "original_below": 0.95, "restart_tau": 0.8}),
     # Cheaper passes, more of them: 4 DDIM steps after the locator (6 NFE a pass; ~19 mean NFE at k 5, ~26 at k 7).
-    ("vote-guided4-k5-gate-unveil", "cascade", {"base": "guided", "steps": 4, "k": 5, "escalate": "always"}),
-    ("vote-guided4-k7-gate-unveil", "cascade", {"base": "guided", "steps": 4, "k": 7, "escalate": "always"}),
+    ("vote-guided4-k5-gate-unveil", "cascade", {**GUIDED4, "k": 5, "escalate": "always", "original_below": 0.95}),
+    ("vote-guided4-k7-gate-unveil", "cascade", {**GUIDED4, "k": 7, "escalate": "always", "original_below": 0.95}),
     # The gate measured per job: open below the q-quantile of the black box's top probability on its first rows.
-    ("vote-guided-k5-q25-unveil", "cascade", {"base": "guided", "k": 5, "escalate": "always",
-                                              "original_quantile": 0.25}),
-    ("vote-guided-k5-q40-unveil", "cascade", {"base": "guided", "k": 5, "escalate": "always",
-                                              "original_quantile": 0.4}),
-    ("vote-guided4-k5-q25-unveil", "cascade", {"base": "guided", "steps": 4, "k": 5, "escalate": "always",
-                                               "original_quantile": 0.25}),
-    ("vote-guided4-k5-q40-unveil", "cascade", {"base": "guided", "steps": 4, "k": 5, "escalate": "always",
-                                               "original_quantile": 0.4}),
+    ("vote-guided-k5-q25-unveil", "cascade", {**GUIDED6, "k": 5, "escalate": "always", "original_quantile": 0.25}),
+    ("vote-guided-k5-q40-unveil", "cascade", {**GUIDED6, "k": 5, "escalate": "always", "original_quantile": 0.4}),
+    ("vote-guided4-k5-q25-unveil", "cascade", {**GUIDED4, "k": 5, "escalate": "always", "original_quantile": 0.25}),
+    ("vote-guided4-k5-q40-unveil", "cascade", {**GUIDED4, "k": 5, "escalate": "always", "original_quantile": 0.4}),
+    # The default method (chosen on the zoo's worst victim, docs/zoo.md): that, with 3 ballots and restarts.
+    ("vote-guided4-k5-q40-v3-restart", "cascade", {**GUIDED4, "restart_tau": 0.8, "k": 5, "escalate": "always",
+                                                   "original_votes": 3, "original_quantile": 0.4}),
 ]
 
 

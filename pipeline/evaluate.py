@@ -126,13 +126,13 @@ def run_defense(defense: Purifier | Cascade, images: np.ndarray, keys: Sequence[
 
 
 def calibrate_vote(defense: Purifier | Cascade, classify: Callable[[np.ndarray], Prediction],
-                   clean: np.ndarray) -> float | None:
-    """Measure a vote's gate in process as `sanitize` does on a job's first rows; here the first clean images, what
-    a job whose data is mostly clean measures (a few poisoned rows among them move the quantile by their share).
-    None when the method has no measured gate."""
+                   first: np.ndarray) -> float | None:
+    """Measure a vote's gate in process as `sanitize` does, on the first rows of `first`. The benchmarks hand it
+    clean images, what a job whose data is mostly clean measures (a few poisoned rows among them move the quantile
+    by their share). None when the method has no measured gate."""
     if not isinstance(defense, Cascade) or defense.original_quantile is None or not defense.original_votes:
         return None
-    rows = clean[: defense.calibration_rows]
+    rows = first[: defense.calibration_rows]
     a = Answer.of(classify(rows), len(rows))
     return defense.calibrate(None if a.scores is None else np.where(a.labels >= 0, a.scores.max(1), np.nan))
 

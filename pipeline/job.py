@@ -12,6 +12,7 @@ that the cluster can place the plan at all.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -46,6 +47,7 @@ from pipeline.storage import StorageError, check_writable, describe, resolve_fil
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "_ray_checkpoint"  # inside the output; '_' keeps it out of Parquet dataset discovery
+GATE_FILE = "_vote_gate.json"  # the measured gate, so that a resumed run decides with the one its rows were
 FENCE_S = 120.0  # how long a failed run waits for its own tasks before it raises
 
 
@@ -283,15 +285,16 @@ def measured_gate(cfg: JobConfig) -> tuple[float, int] | None:
 def first_images(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, size: int, channels: int,
                  rows: int) -> np.ndarray:
     """The source's first `rows` images that decode, in source order (a rerun reads the same ones)."""
-    ds = read_source(spec, fs_in).limit(rows)
-    ds = ds.map_batches(decode_batch, batch_size=rows, batch_format="numpy", num_cpus=cfg.resources.decode_cpus,
-                        fn_kwargs={"size": size, "channels": channels, "policy": cfg.source.decode_policy,
-                                   "max_bytes": cfg.source.max_image_bytes})
     from ray.data import DataContext
 
+    # A dataset keeps a copy of the context it was made under: order is asked for before the plan is built.
     opts = DataContext.get_current().execution_options
     ordered, opts.preserve_order = opts.preserve_order, True  # the first rows, not the first to arrive
     try:
+        ds = read_source(spec, fs_in).limit(rows)
+        ds = ds.map_batches(decode_batch, batch_size=rows, batch_format="numpy", num_cpus=cfg.resources.decode_cpus,
+                            fn_kwargs={"size": size, "channels": channels, "policy": cfg.source.decode_policy,
+                                       "max_bytes": cfg.source.max_image_bytes})
         batch = ds.take_batch(rows, batch_format="numpy")
     finally:
         opts.preserve_order = ordered
@@ -299,22 +302,46 @@ def first_images(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, size:
     return np.ascontiguousarray(batch["image"][ok])
 
 
-def calibrate_gate(quantile: float, images: np.ndarray, service: ServiceHandle) -> float:
-    """Ask the black box about `images` (billed like any query) and return the gate: the `quantile` of its top
-    probability. Shut (0.0) when it gives labels only or nothing could be measured."""
+def calibrate_gate(quantile: float, images: np.ndarray, service: ServiceHandle) -> tuple[float, bool]:
+    """Ask the black box about `images` (billed like any query) and return the gate, the `quantile` of its top
+    probability, and whether every image was answered. Shut (0.0) when it gives labels only or nothing could be
+    measured."""
     import ray
 
     from pipeline.purify.cascade import Answer, gate_threshold
 
     if not len(images):
         log.warning("no decodable image among the source's first rows: the vote's original-label gate stays shut")
-        return 0.0
+        return 0.0, True
     a = Answer.of(ray.get(service.actors[0].predict.remote(images)), len(images))
+    answered = a.labels >= 0
+    if not answered.all():
+        log.warning("the black box answered %d of the %d images the vote's gate is measured on: measured on those, "
+                    "and measured again by the next run", int(answered.sum()), len(images))
     if a.scores is None:
         log.warning("the black box gives labels only: the vote's original-label gate stays shut")
-        return 0.0
-    top = np.where(a.labels >= 0, a.scores.max(1), np.nan)
-    return gate_threshold(top, quantile)
+        return 0.0, bool(answered.all())
+    return gate_threshold(np.where(answered, a.scores.max(1), np.nan), quantile), bool(answered.all())
+
+
+def saved_gate(fs: pafs.FileSystem, out_path: str, quantile: float, rows: int) -> float | None:
+    """The gate an earlier run of this output measured with the same quantile and rows, if any."""
+    try:
+        with fs.open_input_stream(f"{out_path.rstrip('/')}/{GATE_FILE}") as f:
+            saved = json.loads(f.read(4096))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    if saved.get("original_quantile") != quantile or saved.get("calibration_rows") != rows:
+        return None
+    gate = saved.get("original_below")
+    return float(gate) if isinstance(gate, (int, float)) and 0.0 <= gate <= 1.0 else None
+
+
+def save_gate(fs: pafs.FileSystem, out_path: str, quantile: float, rows: int, gate: float, measured_on: int) -> None:
+    fs.create_dir(out_path, recursive=True)
+    with fs.open_output_stream(f"{out_path.rstrip('/')}/{GATE_FILE}") as f:
+        f.write(json.dumps({"original_quantile": quantile, "calibration_rows": rows, "original_below": gate,
+                            "measured_on": measured_on}).encode())
 
 
 def wait_for_tasks_to_end(cpus_before: float, timeout_s: float = FENCE_S) -> bool:
@@ -364,7 +391,8 @@ def run_sanitize(cfg: JobConfig) -> Summary:
     # Read before resume is set up: with a checkpoint, Ray Data would skip rows already done, and a rerun would
     # measure the gate on other rows than the first run did.
     gate_spec = measured_gate(cfg)
-    calib = first_images(cfg, spec, fs_in, size, channels, gate_spec[1]) if gate_spec else None
+    gate = saved_gate(fs_out, out_path, *gate_spec) if gate_spec and cfg.output.resume else None
+    calib = first_images(cfg, spec, fs_in, size, channels, gate_spec[1]) if gate_spec and gate is None else None
     id_col = pre.id_column
     retried = 0
     if cfg.output.resume and id_col:
@@ -381,13 +409,17 @@ def run_sanitize(cfg: JobConfig) -> Summary:
     cpus_free = ray.available_resources().get("CPU", 0.0)
     t0 = time.time()
     service = start_blackbox(cfg)
-    gate = None
     try:
         params = dict(cfg.purify.params)
-        if gate_spec and calib is not None:
-            gate = params["original_below"] = calibrate_gate(gate_spec[0], calib, service)
-            log.info("vote gate: %.4f, the %.2f quantile of the black box's top probability on the first %d "
-                     "images", gate, gate_spec[0], len(calib))
+        if gate_spec:
+            if gate is None and calib is not None:
+                gate, complete = calibrate_gate(gate_spec[0], calib, service)
+                if complete:  # a gate measured while the black box failed must not outlive that failure
+                    save_gate(fs_out, out_path, *gate_spec, gate, len(calib))
+                log.info("vote gate: %.4f, the %.2f quantile of the black box's top probability on the first %d "
+                         "images", gate, gate_spec[0], len(calib))
+            params["original_below"] = gate
+            params["original_quantile"] = gate_spec[0]  # with it, original_below reads as its measurement
         ds = build_plan(cfg, spec, fs_in, size, channels, service, params)
         ds = ds.map_batches(to_output_batch, batch_format="numpy", batch_size=cfg.resources.query_batch_size,
                             fn_kwargs={"keep_orig": cfg.output.keep_original,

@@ -38,8 +38,9 @@ from pipeline.purify.models import pick_device
 
 ZOO_DIR = REPO_ROOT / "models" / "zoo"
 # The published baselines at their best CPU-affordable settings, our best single pass and the default vote.
-DEFAULT_METHODS = ("none", "sdedit-250", "zip-pool2", "sampdetox-ddim", "guided", "vote-guided-k5-gate-unveil")
-DEFAULT_LABEL = "vote-guided-k5-gate-unveil"
+DEFAULT_METHODS = ("none", "sdedit-250", "zip-pool2", "sampdetox-ddim", "guided", "vote-guided-k5-gate-unveil",
+                   "vote-guided4-k5-q40-v3-restart")
+DEFAULT_LABEL = "vote-guided4-k5-q40-v3-restart"
 GOALS = {"ca_drop": 0.02, "asr_over_floor": 0.01, "pa_gap": 0.03, "nfe": 20.0}
 CONFIDENCE_BINS = (0.0, 0.5, 0.8, 0.95, 1.01)
 
@@ -235,6 +236,14 @@ def lost_won_table(row: dict) -> str:
     return "\n".join(out)
 
 
+def _shown(path: Path) -> str:
+    """A path as results should name it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.bench import GRID
 
@@ -242,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=ZOO_DIR, help="folder with zoo.json (or the manifest itself)")
     ap.add_argument("--only", default=",".join(DEFAULT_METHODS), help="comma-separated labels of the bench grid")
+    ap.add_argument("--vote", action="append", default=[], metavar="LABEL=JSON",
+                    help='also run a vote with these cascade params, e.g. \'k6={"steps": 4, "k": 6}\' (repeatable)')
     ap.add_argument("--victims", help="comma-separated victim names (default: all)")
     ap.add_argument("--n", type=int, default=1000, help="clean test images (their non-target ones are triggered)")
     ap.add_argument("--model", default="fmnist-tiny")
@@ -254,10 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     grid = {label: (label, method, params) for label, method, params in GRID}
-    wanted = args.only.split(",")
+    wanted = [w for w in args.only.split(",") if w]
     unknown = [w for w in wanted if w not in grid]
     if unknown:
         raise SystemExit(f"unknown method labels {unknown}; the bench grid has {sorted(grid)}")
+    for spec in args.vote:
+        label, _, text = spec.partition("=")
+        try:
+            params = json.loads(text)
+        except ValueError as exc:
+            raise SystemExit(f"--vote {spec!r}: the params must be a JSON object ({exc})") from exc
+        if not label or not isinstance(params, dict):
+            raise SystemExit(f"--vote {spec!r}: expected LABEL={{...}}")
+        grid[label] = (label, "cascade", params)
+        wanted.append(label)
     victims = load_zoo(args.zoo)
     if args.victims:
         names = args.victims.split(",")
@@ -285,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = round(time.time() - t0, 1)
     summary = spread(rows)
     meta = {"model": args.model, "device": device, "n": args.n, "seed": args.seed, "dtype": args.dtype,
-            "zoo": str(args.zoo), "victims": len(victims), "torch": torch.__version__,
+            "zoo": _shown(args.zoo), "victims": len(victims), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": platform.machine(), "seconds": seconds}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     tables = format_tables(rows, summary)

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.purify.base import Purifier
 from pipeline.purify.cascade import DEFAULTS as CASCADE_DEFAULTS
-from pipeline.purify.cascade import SDEDIT_BASE, Cascade
+from pipeline.purify.cascade import GUIDED_BASE, SDEDIT_BASE, Cascade
 from pipeline.purify.guided import Guided
 from pipeline.purify.models import DiffusionModel, load_model
 from pipeline.purify.sampdetox import LocalRepair, SampDetox
@@ -48,17 +48,22 @@ def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | 
         base = params.pop("base", CASCADE_DEFAULTS["base"])
         k = params.pop("k", CASCADE_DEFAULTS["k"])
         escalate = params.pop("escalate", CASCADE_DEFAULTS["escalate"])
-        original_votes = params.pop("original_votes", CASCADE_DEFAULTS["original_votes"])
-        original_quantile = params.pop("original_quantile", CASCADE_DEFAULTS["original_quantile"])
+        # a vote of fewer passes than the default ballots gets as many ballots as passes unless told otherwise
+        original_votes = params.pop("original_votes", min(CASCADE_DEFAULTS["original_votes"], k)
+                                    if isinstance(k, int) else CASCADE_DEFAULTS["original_votes"])
+        # `original_below` alone is a fixed gate; with `original_quantile` it is that quantile's measurement (what
+        # sanitize hands its purify actors). A measured gate has no threshold until the job measures it.
+        if "original_below" in params and "original_quantile" not in params:
+            original_quantile = None
+        else:
+            original_quantile = params.pop("original_quantile", CASCADE_DEFAULTS["original_quantile"])
         calibration_rows = params.pop("calibration_rows", CASCADE_DEFAULTS["calibration_rows"])
-        # A measured gate has no threshold until the job measures it; one given with it is that measurement.
         original_below = params.pop("original_below", None if original_quantile is not None
                                     else CASCADE_DEFAULTS["original_below"])
         if base == "cascade":
             raise ValueError("a cascade's base must be a single-pass method")
-        if base == "sdedit":
-            for name, value in SDEDIT_BASE.items():
-                params.setdefault(name, value)
+        for name, value in {"sdedit": SDEDIT_BASE, "guided": GUIDED_BASE}.get(base, {}).items():
+            params.setdefault(name, value)
         return Cascade(build_purifier(base, model, params, dtype), k=k,  # type: ignore[arg-type]
                        escalate=escalate, original_votes=original_votes, original_below=original_below,
                        original_quantile=original_quantile, calibration_rows=calibration_rows)

@@ -44,12 +44,15 @@ from pipeline.purify.base import Purifier
 # (e.g. `blackbox.base.Prediction`); scores open the original-label gate.
 Classify = Callable[[np.ndarray], Any]
 
-# The default method: a majority vote of up to 5 `guided` passes (with guided's own defaults), stopped once decided;
-# the original label casts 2 ballots where the black box gave it less than .95. With `base: sdedit`, SDEDIT_BASE
-# fills what the user leaves out (a plain-SDEdit vote); other bases use their own defaults. Chosen by
-# `python -m pipeline bench` (docs/benchmarks.md).
-DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", "original_votes": 2, "original_below": 0.95,
-                  "original_quantile": None, "calibration_rows": 256}
+# The default method: a majority vote of up to 5 `guided` passes (GUIDED_BASE: 4 guided steps, restarting where the
+# locator removed something), stopped once decided; the original label casts 3 ballots where the black box gave it
+# less than its own 0.4-quantile, measured on the job's first 256 rows. `original_below` (.95) is the fixed gate used
+# when `original_quantile` is null. With `base: sdedit`, SDEDIT_BASE fills what the user leaves out (a plain-SDEdit
+# vote); other bases use their own defaults. Chosen on the worst victim of the zoo (`python -m pipeline zoo`,
+# docs/zoo.md).
+DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", "original_votes": 3, "original_below": 0.95,
+                  "original_quantile": 0.4, "calibration_rows": 256}
+GUIDED_BASE: dict = {"steps": 4, "restart_tau": 0.8}
 SDEDIT_BASE: dict = {"t_start": 300, "steps": 8, "eta": 1.0}
 ESCALATE = ("flip", "always")
 K_MAX = 64  # passes per image: a vote of more is a configuration mistake, not a setting
