@@ -287,14 +287,16 @@ class Cascade:
     """Wraps a base purifier: `k` passes at most per image, escalated by `escalate` (`flip` or `always`); the
     original label casts `original_votes` ballots where the black box's probability for it is below the gate's
     threshold: `original_below` (None: always), or with `original_quantile` the threshold `calibrate` measures on
-    the first `calibration_rows` images of the job (`original_below`, if given too, is taken as that measurement)."""
+    the first `calibration_rows` images of the job (`original_below`, if given too, is taken as that measurement).
+    Constructed directly, the gate is fixed; `build_purifier` applies the method's defaults (DEFAULTS), which
+    measure it."""
 
     name = "cascade"
 
     def __init__(self, base: Purifier, k: int = DEFAULTS["k"], escalate: str = DEFAULTS["escalate"],
                  original_votes: int = DEFAULTS["original_votes"],
                  original_below: float | None = DEFAULTS["original_below"],
-                 original_quantile: float | None = DEFAULTS["original_quantile"],
+                 original_quantile: float | None = None,
                  calibration_rows: int = DEFAULTS["calibration_rows"]) -> None:
         if not 1 <= int(k) <= K_MAX:
             raise ValueError(f"k must be in [1, {K_MAX}], got {k}")
