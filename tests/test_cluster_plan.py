@@ -97,6 +97,22 @@ def test_budget_is_the_whole_jobs_and_a_rerun_with_more_finishes(ray_local, tmp_
     assert srv.images - billed <= 1 + len(refused) * 3
 
 
+def test_a_gate_measured_while_the_budget_ran_out_is_measured_again(ray_local, tmp_path, flaky_v2_server):
+    """The vote's gate is measured on the first rows; when the black box could not answer all of them (here: the
+    budget), the measurement is used but not kept, so the rerun measures it again on a full answer and keeps that."""
+    srv = flaky_v2_server(fail_rate=0.0)
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=2, per_shard=10, fmt="parquet")
+    base = [f"source.uri={src.root}", f"output.uri={tmp_path / 'out'}", f"blackbox.uri={srv.url}",
+            "purify.method=cascade", CASCADE, *FAST[1:]]
+    first = run_sanitize(load_config(overrides=[*base, "blackbox.query_budget=9"]))  # the probe + 8 of 20
+    assert first.gate is not None and first.budget_rejected > 0
+    assert not (tmp_path / "out" / "_vote_gate.json").exists(), "a partial measurement must not outlive its run"
+    second = run_sanitize(load_config(overrides=[*base, "blackbox.query_budget=10000"]))
+    saved = json.loads((tmp_path / "out" / "_vote_gate.json").read_text())
+    assert saved["measured_on"] == 20 and saved["original_below"] == pytest.approx(second.gate)
+    assert_exactly_once(read_output(pafs.LocalFileSystem(), str(tmp_path / "out")), src.expected)
+
+
 def test_rate_limit_is_the_whole_jobs_over_several_service_actors(ray_local, tmp_path, flaky_v2_server):
     srv = flaky_v2_server(fail_rate=0.0)
     src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=2, per_shard=12, fmt="parquet")
