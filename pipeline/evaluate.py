@@ -17,6 +17,7 @@ from pipeline.attacks import TARGET, apply_trigger
 from pipeline.blackbox import open_blackbox
 from pipeline.blackbox.base import InputSpec, Prediction
 from pipeline.datasets import load_dataset
+from pipeline.gate import top_probability
 from pipeline.metrics import attack_metrics, flag_confusion
 from pipeline.paths import REPO_ROOT
 from pipeline.purify import Cascade, Purifier, build_purifier, load_model
@@ -134,7 +135,7 @@ def calibrate_vote(defense: Purifier | Cascade, classify: Callable[[np.ndarray],
         return None
     rows = first[: defense.calibration_rows]
     a = Answer.of(classify(rows), len(rows))
-    return defense.calibrate(None if a.scores is None else np.where(a.labels >= 0, a.scores.max(1), np.nan))
+    return defense.calibrate(top_probability(a.labels, a.scores))
 
 
 def eval_images(n: int, offset: int = 0, data: str = "fmnist") -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.config import JobConfig
 from pipeline.decode import decode_batch
+from pipeline.gate import GATE_DEFAULTS, gate_params, gate_threshold, top_probability
 from pipeline.paths import absolute_uri, shipped_path
 from pipeline.placement import PlacementError, PlanDemand, check_placement, plan_demand
 from pipeline.progress import ProgressLine
@@ -272,14 +273,12 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
 
 def measured_gate(cfg: JobConfig) -> tuple[float, int] | None:
     """(quantile, rows) when the method is a vote whose original-label gate is measured on the job's first rows."""
-    from pipeline.purify.cascade import DEFAULTS
-
-    p = {**DEFAULTS, **cfg.purify.params}
-    if cfg.purify.method != "cascade" or p["original_quantile"] is None or not p["original_votes"]:
+    params = cfg.purify.params
+    if cfg.purify.method != "cascade" or not params.get("original_votes", GATE_DEFAULTS["original_votes"]):
         return None
-    if "original_below" in cfg.purify.params:  # given with the quantile: an earlier measurement, kept
-        return None
-    return float(p["original_quantile"]), int(p["calibration_rows"])
+    quantile, below, rows = gate_params(params)
+    # below given with the quantile: an earlier measurement, kept
+    return None if quantile is None or below is not None else (float(quantile), int(rows))
 
 
 def first_images(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, size: int, channels: int,
@@ -308,20 +307,18 @@ def calibrate_gate(quantile: float, images: np.ndarray, service: ServiceHandle) 
     measured."""
     import ray
 
-    from pipeline.purify.cascade import Answer, gate_threshold
-
     if not len(images):
         log.warning("no decodable image among the source's first rows: the vote's original-label gate stays shut")
         return 0.0, True
-    a = Answer.of(ray.get(service.actors[0].predict.remote(images)), len(images))
-    answered = a.labels >= 0
+    answer = ray.get(service.actors[0].predict.remote(images))
+    answered = np.asarray(answer.labels) >= 0
     if not answered.all():
         log.warning("the black box answered %d of the %d images the vote's gate is measured on: measured on those, "
                     "and measured again by the next run", int(answered.sum()), len(images))
-    if a.scores is None:
+    top = top_probability(answer.labels, answer.scores)
+    if top is None:
         log.warning("the black box gives labels only: the vote's original-label gate stays shut")
-        return 0.0, bool(answered.all())
-    return gate_threshold(np.where(answered, a.scores.max(1), np.nan), quantile), bool(answered.all())
+    return gate_threshold(top, quantile), bool(answered.all())
 
 
 def saved_gate(fs: pafs.FileSystem, out_path: str, quantile: float, rows: int) -> float | None:

@@ -43,6 +43,8 @@ DEFAULT_METHODS = ("none", "sdedit-250", "zip-pool2", "sampdetox-ddim", "guided"
 DEFAULT_LABEL = "vote-guided4-k5-q40-v3-restart"
 GOALS = {"ca_drop": 0.02, "asr_over_floor": 0.01, "pa_gap": 0.03, "nfe": 20.0}
 CONFIDENCE_BINS = (0.0, 0.5, 0.8, 0.95, 1.01)
+# the standard error shown next to each goal's measure: the CA drop's own (paired), else that of the rate it moves
+SE_OF = {"ca_drop": "ca_drop_se", "asr_over_floor": "asr_se", "pa_gap": "pa_se"}
 
 
 def load_zoo(path: Path) -> list[dict]:
@@ -140,9 +142,7 @@ def spread(rows: list[dict]) -> list[dict]:
                              "meet_all": sum(all(r["meets"].values()) for r in sub)}
         for key in ("ca_drop", "asr_over_floor", "pa_gap"):
             worst = max(sub, key=lambda r: r[key])
-            s[key] = {"worst": worst[key], "worst_victim": worst["victim"],
-                      "worst_se": worst.get(f"{key}_se", worst["asr_se"] if key == "asr_over_floor" else
-                                            worst["pa_se"]),
+            s[key] = {"worst": worst[key], "worst_victim": worst["victim"], "worst_se": worst[SE_OF[key]],
                       "median": float(np.median([r[key] for r in sub]))}
         s["nfe"] = {"worst": max(r["nfe"] for r in sub), "median": float(np.median([r["nfe"] for r in sub]))}
         out.append(s)
@@ -180,18 +180,11 @@ def run(victims: list[dict], methods: list[tuple[str, str, dict]], model: Any, n
             keys_trig = [f"{v['trigger']}-{i}" for i in keep]
             if method == "none":
                 pc_labels, pt_labels, nfe = originals[v["name"]][0], classify(trig).labels, np.zeros(n + len(keep))
-            elif isinstance(runner, Cascade):
+            else:
                 calibrate_vote(runner, classify, clean4)
                 pc = run_defense(runner, clean4, keys_clean, seed, classify, batch_size)
                 pt = run_defense(runner, trig, keys_trig, seed, classify, batch_size)
                 pc_labels, pt_labels, nfe = pc.labels, pt.labels, np.concatenate([pc.nfe, pt.nfe])
-            else:
-                outs = [runner(x[s:s + batch_size], k[s:s + batch_size], seed)
-                        for x, k in ((clean4, keys_clean), (trig, keys_trig)) for s in range(0, len(x), batch_size)]
-                imgs = np.concatenate([o.uint8() for o in outs])
-                nfe = np.concatenate([o.nfe.numpy() for o in outs]).astype(float)
-                pred = classify(imgs).labels
-                pc_labels, pt_labels = pred[:n], pred[n:]
             orig, conf = originals[v["name"]]
             rows.append(victim_row(v, label, pc_labels, orig, conf, labels, pt_labels, labels[keep], nfe))
             if isinstance(runner, Cascade):

@@ -201,3 +201,13 @@ def test_vote_gate_measured_on_the_first_rows(ray_local, tmp_path):
     (tmp_path / "out" / "_vote_gate.json").unlink()
     measured = run_sanitize(cfg)  # without the saved gate, the same first rows measure the same gate
     assert measured.gate == summary.gate and measured.queries == 16
+
+
+def test_the_driver_measures_the_gate_without_torch():
+    """The driver never loads torch (the model check runs in a short-lived process); the vote's gate, which the
+    driver measures, must not bring it back."""
+    code = ("import sys; from pipeline.config import load_config; import pipeline.job as j; "
+            "assert j.measured_gate(load_config(overrides=[])) == (0.4, 256); "
+            "assert 'torch' not in sys.modules, 'the driver imported torch'")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from pipeline.gate import gate_params
 from pipeline.purify.base import Purifier
 from pipeline.purify.cascade import DEFAULTS as CASCADE_DEFAULTS
 from pipeline.purify.cascade import GUIDED_BASE, SDEDIT_BASE, Cascade
@@ -51,15 +52,9 @@ def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | 
         # a vote of fewer passes than the default ballots gets as many ballots as passes unless told otherwise
         original_votes = params.pop("original_votes", min(CASCADE_DEFAULTS["original_votes"], k)
                                     if isinstance(k, int) else CASCADE_DEFAULTS["original_votes"])
-        # `original_below` alone is a fixed gate; with `original_quantile` it is that quantile's measurement (what
-        # sanitize hands its purify actors). A measured gate has no threshold until the job measures it.
-        if "original_below" in params and "original_quantile" not in params:
-            original_quantile = None
-        else:
-            original_quantile = params.pop("original_quantile", CASCADE_DEFAULTS["original_quantile"])
-        calibration_rows = params.pop("calibration_rows", CASCADE_DEFAULTS["calibration_rows"])
-        original_below = params.pop("original_below", None if original_quantile is not None
-                                    else CASCADE_DEFAULTS["original_below"])
+        original_quantile, original_below, calibration_rows = gate_params(params)
+        for name in ("original_quantile", "original_below", "calibration_rows"):
+            params.pop(name, None)
         if base == "cascade":
             raise ValueError("a cascade's base must be a single-pass method")
         for name, value in {"sdedit": SDEDIT_BASE, "guided": GUIDED_BASE}.get(base, {}).items():

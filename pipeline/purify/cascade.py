@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.gate import GATE_DEFAULTS, gate_threshold
 from pipeline.purify.base import Purifier
 
 # A black box for the cascade: uint8 batch -> labels, or anything with `.labels` and `.scores` (N, K) probabilities
@@ -50,8 +51,7 @@ Classify = Callable[[np.ndarray], Any]
 # when `original_quantile` is null. With `base: sdedit`, SDEDIT_BASE fills what the user leaves out (a plain-SDEdit
 # vote); other bases use their own defaults. Chosen on the worst victim of the zoo (`python -m pipeline zoo`,
 # docs/zoo.md).
-DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", "original_votes": 3, "original_below": 0.95,
-                  "original_quantile": 0.4, "calibration_rows": 256}
+DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", **GATE_DEFAULTS}
 GUIDED_BASE: dict = {"steps": 4, "restart_tau": 0.8}
 SDEDIT_BASE: dict = {"t_start": 300, "steps": 8, "eta": 1.0}
 ESCALATE = ("flip", "always")
@@ -271,16 +271,6 @@ def drive(steps: Steps, images: np.ndarray, keys: Sequence[str], purify: Purifie
             answer = (res.uint8(), res.nfe.numpy())
         else:
             answer = classify(step.images)
-
-
-def gate_threshold(top_scores: np.ndarray | None, quantile: float) -> float:
-    """The calibrated gate: the `quantile` of a black box's top probability over some of its answers (NaN rows, a
-    failed query, left out). 0.0, a gate that never opens, when there is nothing to measure (a label-only black box)."""
-    if top_scores is None:
-        return 0.0
-    s = np.asarray(top_scores, np.float64)
-    s = s[~np.isnan(s)]
-    return float(np.quantile(s, quantile)) if s.size else 0.0
 
 
 class Cascade:
