@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.heap import release_freed_memory
 from pipeline.sink import is_empty_error
 
 if TYPE_CHECKING:
@@ -162,6 +163,7 @@ class PurifyStage:
         self._batches += 1
         self._rows += n
         self._report()
+        release_freed_memory()  # the actor lives for the whole job: keep it at one batch's working set
         failed = np.array([e is not None for e in errors], bool)
         out = dict(batch)
         out.update(purified=purified, nfe=nfe, pred_orig=pred_orig, pred_purified=pred_pur, score_orig=score_orig,

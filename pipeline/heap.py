@@ -1,0 +1,34 @@
+"""Give freed heap memory back to the operating system between batches.
+
+glibc's malloc keeps the pages of freed chunks in its arenas and returns them only from the top of each heap. A
+long-lived purify actor allocates model activations and per-batch arrays of ever-changing shapes (each round
+purifies a different subset of rows), so its arenas fragment and its resident memory creeps up with the number of
+batches instead of staying at one batch's working set. `malloc_trim(0)` releases every free page, wherever it sits;
+it costs well under a millisecond per call next to a batch that takes seconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from functools import cache
+
+
+@cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim  # glibc only; musl and other C libraries do not have it
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> bool:
+    """Return free heap pages to the OS; False where the C library cannot (not glibc) or had nothing to release."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
