@@ -126,6 +126,18 @@ def test_zoo_bench_end_to_end(tmp_path: Path) -> None:
     assert [r["ca"] for r in again] == [r["ca"] for r in res["rows"]]
     assert [r["asr"] for r in again] == [r["asr"] for r in res["rows"]]
 
+    # --merge: one victim run again into the same results keeps the other victim's rows; a run of another size is
+    # refused instead of mixing two measurements.
+    merge = [*cmd[:-4], "--victims", "mlp-aware", "--merge", "--out", str(out), "--memo", str(tmp_path / "m")]
+    run3 = subprocess.run(merge, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run3.returncode == 0, run3.stderr[-2000:]
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["meta"]["victims"] == 2 and merged["meta"]["victims_merged"] == 1
+    assert {(r["victim"], r["label"]): r["ca"] for r in merged["rows"]} == {k: r["ca"] for k, r in rows.items()}
+    other = [("16" if a == "24" else a) for a in merge]
+    run4 = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run4.returncode != 0 and "--merge" in run4.stderr
+
 
 def test_memo_replays_the_purifier_exactly() -> None:
     from pipeline.purify import Cascade, build_purifier, load_model
