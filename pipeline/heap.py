@@ -3,16 +3,23 @@
 glibc's malloc keeps the pages of freed chunks in its arenas and returns them only from the top of each heap. A
 long-lived purify actor allocates model activations and per-batch arrays of ever-changing shapes (each round
 purifies a different subset of rows), so its arenas fragment and its resident memory creeps up with the number of
-batches instead of staying at one batch's working set. `malloc_trim(0)` releases every free page, wherever it sits;
-it costs well under a millisecond per call next to a batch that takes seconds.
+batches instead of staying at one batch's working set. Ray's task workers, reused for every read, decode and write
+of the job, creep the same way. `malloc_trim(0)` releases every free page, wherever it sits; Arrow's own allocator
+(mimalloc or jemalloc, which reads and writes Parquet) is asked to do the same. Neither costs anything measurable
+next to a batch (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
+from collections.abc import Callable
 from functools import cache
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @cache
@@ -30,5 +37,21 @@ def _malloc_trim():
 
 def release_freed_memory() -> bool:
     """Return free heap pages to the OS; False where the C library cannot (not glibc) or had nothing to release."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+def releasing(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn`, then `release_freed_memory()`: for the batch functions a long-lived worker runs again and again."""
+
+    @functools.wraps(fn)  # Ray Data names the stage after the function
+    def run(*args, **kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release_freed_memory()
+
+    return run

@@ -29,6 +29,7 @@ from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.config import JobConfig
 from pipeline.decode import decode_batch
 from pipeline.gate import GATE_DEFAULTS, gate_params, gate_threshold, top_probability
+from pipeline.heap import releasing
 from pipeline.paths import absolute_uri, shipped_path
 from pipeline.placement import PlacementError, PlanDemand, check_placement, plan_demand
 from pipeline.progress import ProgressLine
@@ -263,7 +264,8 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
         log.warning("%d keys repeat in the source (%d rows): those rows become 'duplicate key' error rows",
                     len(dups), sum(dups.values()))
         ds = ds.map_batches(mark_duplicate_keys, batch_format="pyarrow", batch_size=None, fn_kwargs={"counts": dups})
-    ds = ds.map_batches(decode_batch, batch_size=r.decode_batch_size, batch_format="numpy", num_cpus=r.decode_cpus,
+    ds = ds.map_batches(releasing(decode_batch), batch_size=r.decode_batch_size, batch_format="numpy",
+                        num_cpus=r.decode_cpus,
                         fn_kwargs={"size": model_size, "channels": model_channels,
                                    "policy": cfg.source.decode_policy, "max_bytes": cfg.source.max_image_bytes})
     return ds.map_batches(PurifyStage, compute=pool, num_gpus=demand.gpus_per_purifier,
@@ -418,7 +420,7 @@ def run_sanitize(cfg: JobConfig) -> Summary:
             params["original_below"] = gate
             params["original_quantile"] = gate_spec[0]  # with it, original_below reads as its measurement
         ds = build_plan(cfg, spec, fs_in, size, channels, service, params)
-        ds = ds.map_batches(to_output_batch, batch_format="numpy", batch_size=cfg.resources.query_batch_size,
+        ds = ds.map_batches(releasing(to_output_batch), batch_format="numpy", batch_size=cfg.resources.query_batch_size,
                             fn_kwargs={"keep_orig": cfg.output.keep_original,
                                        "id_column": id_col if id_col != "key" else None})
         total = source_rows(pre)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pipeline.heap import _malloc_trim
@@ -28,3 +29,15 @@ def test_release_freed_memory_returns_pages_held_below_the_top_of_the_heap():
     held, after, released = int(out[0]), int(out[1]), out[2]
     assert released == "True"
     assert held - after > 100 * 2**20, (held, after)  # most of the 200 MB came back
+
+
+def test_releasing_keeps_the_function_its_name_and_its_errors():
+    from pipeline.decode import decode_batch
+    from pipeline.heap import releasing
+
+    wrapped = releasing(decode_batch)
+    assert wrapped.__name__ == "decode_batch"  # Ray Data names the stage after it
+    out = wrapped({"image_bytes": np.array([b"not an image"], dtype=object)}, size=28, channels=1)
+    assert out["image"].shape == (1, 1, 28, 28) and "not an image" in out["error"][0]
+    with pytest.raises(ValueError, match="unknown size policy"):
+        wrapped({"image_bytes": np.array([b""], dtype=object)}, size=28, channels=1, policy="stretch")
