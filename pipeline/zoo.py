@@ -304,9 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    kept = merged_rows(args.out / "results.json", {v["name"] for v in victims},
-                                       {"model": args.model, "n": args.n, "seed": args.seed, "dtype": args.dtype}) \
-        if args.merge else []
+    setup = {"model": args.model, "n": args.n, "seed": args.seed, "dtype": args.dtype}
+    kept = merged_rows(args.out / "results.json", {v["name"] for v in victims}, setup) if args.merge else []
     for label, computed, got in run(victims, [grid[w] for w in wanted], model, args.n, args.seed, args.batch_size,
                                     args.dtype, memo):
         rows += got
