@@ -4,7 +4,7 @@ glibc's malloc keeps the pages of freed chunks in its arenas and returns them on
 long-lived purify actor allocates model activations and per-batch arrays of ever-changing shapes (each round
 purifies a different subset of rows), so its arenas fragment and its resident memory creeps up with the number of
 batches instead of staying at one batch's working set. Ray's task workers, reused for every read, decode and write
-of the job, creep the same way. `malloc_trim(0)` releases every free page, wherever it sits; Arrow's own allocator
+of the job, run the same release. `malloc_trim(0)` releases every free page, wherever it sits; Arrow's own allocator
 (mimalloc or jemalloc, which reads and writes Parquet) is asked to do the same. Neither costs anything measurable
 next to a batch (docs/benchmarks.md).
 """
@@ -16,13 +16,12 @@ import ctypes.util
 import functools
 import sys
 from collections.abc import Callable
-from functools import cache
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-@cache
+@functools.cache
 def _malloc_trim():
     if not sys.platform.startswith("linux"):
         return None
