@@ -29,7 +29,7 @@ from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.config import JobConfig
 from pipeline.decode import decode_batch
 from pipeline.gate import GATE_DEFAULTS, gate_params, gate_threshold, top_probability
-from pipeline.heap import releasing
+from pipeline.heap import releasing, worker_env
 from pipeline.paths import absolute_uri, shipped_path
 from pipeline.placement import PlacementError, PlanDemand, check_placement, plan_demand
 from pipeline.progress import ProgressLine
@@ -115,8 +115,10 @@ def init_ray(cfg: JobConfig) -> None:
     if not ray.is_initialized():
         # A cluster this job starts for itself skips the dashboard (a few hundred MB); a running cluster keeps its own.
         local = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-        ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True,
-                 **({"include_dashboard": False} if local else {}))
+        opts: dict[str, Any] = {"include_dashboard": False} if local else {}
+        if env := worker_env():  # merged per variable with a submitted job's own runtime env
+            opts["runtime_env"] = {"env_vars": env}
+        ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True, **opts)
 
 
 @dataclass

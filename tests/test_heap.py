@@ -1,5 +1,6 @@
 """Freed heap memory goes back to the OS: what keeps a long-lived purify actor at one batch's working set."""
 
+import os
 import subprocess
 import sys
 
@@ -41,3 +42,24 @@ def test_releasing_keeps_the_function_its_name_and_its_errors():
     assert out["image"].shape == (1, 1, 28, 28) and "not an image" in out["error"][0]
     with pytest.raises(ValueError, match="unknown size policy"):
         wrapped({"image_bytes": np.array([b""], dtype=object)}, size=28, channels=1, policy="stretch")
+
+
+# The job's own Ray cluster, as `python -m pipeline sanitize` starts it: what allocator do its workers give Arrow?
+WORKER_POOL = """
+import pyarrow as pa, ray
+from pipeline.config import load_config
+from pipeline.job import init_ray
+init_ray(load_config())
+print(ray.get(ray.remote(num_cpus=0)(lambda: pa.default_memory_pool().backend_name).remote()))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("user_choice", [None, "mimalloc"])
+def test_the_jobs_ray_workers_give_arrow_the_system_allocator_unless_the_user_chose(user_choice):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ARROW_DEFAULT_MEMORY_POOL")}
+    if user_choice:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = user_choice
+    out = subprocess.run([sys.executable, "-c", WORKER_POOL], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == (user_choice or "system")

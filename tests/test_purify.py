@@ -16,6 +16,7 @@ from pipeline.purify.filters import unsharp_mask
 from pipeline.purify.guided import Guided
 from pipeline.purify.models import DiffusionModel
 from pipeline.purify.sampdetox import LocalRepair, SampDetox
+from pipeline.purify.sampling import CPU_CHUNK, predict_eps
 from pipeline.purify.sdedit import SDEdit
 from pipeline.purify.ssim import ssim_map
 from pipeline.purify.zip import ZIP
@@ -60,6 +61,20 @@ def test_same_result_alone_or_in_a_batch(model, method, params):
     # A different seed or key gives different noise.
     other = p(imgs[4:5], ["img-x"], seed=3)
     assert not torch.allclose(other.images[0], alone.images[0])
+
+
+def test_cpu_unet_calls_go_in_chunks_with_the_same_answer(model):
+    x = torch.from_numpy(batch(2 * CPU_CHUNK + 3)).float() / 127.5 - 1
+    calls = []
+    hook = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        eps = predict_eps(model, x, 50)
+    finally:
+        hook.remove()
+    assert calls == [CPU_CHUNK, CPU_CHUNK, 3]
+    with torch.no_grad():
+        whole = model.unet(x, torch.full((len(x),), 49)).sample
+    assert torch.allclose(eps, whole, atol=1e-5)
 
 
 def test_nfe_counts_exact(model):
