@@ -108,9 +108,11 @@ def main() -> None:
     import torch
 
     from pipeline.demo import build_demo_shards
+    from pipeline.heap import worker_env
 
     params, mem_params = json.loads(args.params), json.loads(args.mem_params)
-    ray.init(num_cpus=psutil.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=psutil.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": worker_env()})  # the workers a user's job gets
     with tempfile.TemporaryDirectory() as tmp:
         small, big = Path(tmp) / "small", Path(tmp) / "big"
         build_demo_shards(small, n=args.n, n_shards=4)
