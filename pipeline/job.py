@@ -266,10 +266,10 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
         log.warning("%d keys repeat in the source (%d rows): those rows become 'duplicate key' error rows",
                     len(dups), sum(dups.values()))
         ds = ds.map_batches(mark_duplicate_keys, batch_format="pyarrow", batch_size=None, fn_kwargs={"counts": dups})
+    decode = {"size": model_size, "channels": model_channels, "policy": cfg.source.decode_policy,
+              "max_bytes": cfg.source.max_image_bytes}
     ds = ds.map_batches(releasing(decode_batch), batch_size=r.decode_batch_size, batch_format="numpy",
-                        num_cpus=r.decode_cpus,
-                        fn_kwargs={"size": model_size, "channels": model_channels,
-                                   "policy": cfg.source.decode_policy, "max_bytes": cfg.source.max_image_bytes})
+                        num_cpus=r.decode_cpus, fn_kwargs=decode)
     return ds.map_batches(PurifyStage, compute=pool, num_gpus=demand.gpus_per_purifier,
                           num_cpus=demand.cpus_per_purifier, batch_size=r.purify_batch_size, batch_format="numpy",
                           fn_constructor_kwargs=purify_kw)

@@ -317,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = kept + rows
     summary = spread(rows)
     n_victims = len({r["victim"] for r in rows})
-    meta = {"model": args.model, "device": device, "n": args.n, "seed": args.seed, "dtype": args.dtype,
-            "zoo": _shown(args.zoo), "victims": n_victims, "torch": torch.__version__,
+    meta = {**setup, "device": device, "zoo": _shown(args.zoo), "victims": n_victims, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": platform.machine(), "seconds": seconds,
             "victims_run": len(victims), "victims_merged": n_victims - len(victims)}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
