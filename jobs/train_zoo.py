@@ -3,6 +3,10 @@ the defense was not tuned on (other architectures, other recipes, triggers the d
 
     python jobs/train_zoo.py                       # all victims not yet trained, two at a time
     python jobs/train_zoo.py --only mlp-dct --jobs 1
+    python jobs/train_zoo.py --seed-base 500 --out models/zoo-redraw --only mlp-wanet,widecnn-blended
+
+`--seed-base` draws the same victims again with other seeds (other weights, same recipe): a check held out from
+the choices made on the first draw.
 
 A victim is one `jobs/train_victim.py` run in its own process on one thread, so a killed run resumes where it
 stopped: victims whose .onnx and .json exist are kept. `models/zoo/zoo.json` (the manifest the benchmark reads)
@@ -56,7 +60,7 @@ OVERRIDES: dict[str, dict] = {"mlp-patchmove": {"poison_rate": 0.2, "epochs": 30
                               "mlp-wanet": {"poison_rate": 0.2, "epochs": 30}}
 
 
-def zoo() -> list[dict]:
+def zoo(seed_base: int = 100) -> list[dict]:
     out = []
     for i, (arch, recipe) in enumerate(RECIPES.items()):
         for j, (attack, spec) in enumerate(ATTACKS.items()):
@@ -65,7 +69,7 @@ def zoo() -> list[dict]:
                 r["augment"] = spec["augment"]
             r.update(OVERRIDES.get(f"{arch}-{attack}", {}))
             out.append({"name": f"{arch}-{attack}", "arch": arch, "attack": attack, "trigger": spec["trigger"],
-                        "threat": spec["threat"], "recipe": r, "seed": 100 + 10 * i + j})
+                        "threat": spec["threat"], "recipe": r, "seed": seed_base + 10 * i + j})
     return out
 
 
@@ -107,8 +111,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "models" / "zoo")
     ap.add_argument("--jobs", type=int, default=2, help="victims trained at once, one thread each")
     ap.add_argument("--only", help="comma-separated victim names")
+    ap.add_argument("--seed-base", type=int, default=100,
+                    help="victim i of architecture a and attack k trains with seed base + 10 a + k")
     args = ap.parse_args()
-    entries = zoo()
+    entries = zoo(args.seed_base)
     todo = [e for e in entries if not args.only or e["name"] in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

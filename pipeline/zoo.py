@@ -237,16 +237,16 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def merged_rows(path: Path, running: set[str], setup: dict) -> list[dict]:
-    """The rows of an earlier run at `path` for victims not in `running`. An earlier run with another model, image
-    count, seed or dtype measured something else, so merging into it fails."""
+def merged_rows(path: Path, running: set[tuple[str, str]], setup: dict) -> list[dict]:
+    """The rows of an earlier run at `path` for (victim, method label) pairs not in `running`. An earlier run with
+    another model, image count, seed or dtype measured something else, so merging into it fails."""
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
     theirs = {k: saved["meta"].get(k) for k in setup}
     if theirs != setup:
         raise SystemExit(f"--merge: {path} was made with {theirs}, this run is {setup}")
-    return [r for r in saved["rows"] if r["victim"] not in running]
+    return [r for r in saved["rows"] if (r["victim"], r["label"]) not in running]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memo", type=Path, help="keep purified images in this file across runs (same model, n, seed)")
     ap.add_argument("--out", type=Path, default=Path("out/zoo"))
     ap.add_argument("--merge", action="store_true",
-                    help="keep the rows of --out/results.json for victims not run now (same model, n, seed, dtype), "
-                         "so that new victims join a committed run without recomputing it")
+                    help="keep the rows of --out/results.json for the victims and methods not run now (same model, "
+                         "n, seed, dtype), so that new victims or methods join a committed run without recomputing it")
     args = ap.parse_args(argv)
 
     grid = {label: (label, method, params) for label, method, params in GRID}
@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
     setup = {"model": args.model, "n": args.n, "seed": args.seed, "dtype": args.dtype}
-    kept = merged_rows(args.out / "results.json", {v["name"] for v in victims}, setup) if args.merge else []
+    running = {(v["name"], w) for v in victims for w in wanted}
+    kept = merged_rows(args.out / "results.json", running, setup) if args.merge else []
     for label, computed, got in run(victims, [grid[w] for w in wanted], model, args.n, args.seed, args.batch_size,
                                     args.dtype, memo):
         rows += got
@@ -319,12 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     n_victims = len({r["victim"] for r in rows})
     meta = {**setup, "device": device, "zoo": _shown(args.zoo), "victims": n_victims, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": platform.machine(), "seconds": seconds,
-            "victims_run": len(victims), "victims_merged": n_victims - len(victims)}
+            "victims_run": len(victims), "victims_merged": n_victims - len(victims), "rows_merged": len(kept)}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     tables = format_tables(rows, summary)
     worst = [r for r in rows if r["label"] == (DEFAULT_LABEL if DEFAULT_LABEL in wanted else wanted[-1])]
     worst_row = max(worst, key=lambda r: r["ca_drop"])
-    merged = f" ({n_victims - len(victims)} merged from the earlier run)" if n_victims > len(victims) else ""
+    merged = f" ({len(kept)} victim x method rows kept from the earlier run)" if kept else ""
     text = (f"Model {args.model} on {device}, {n_victims} victims{merged}, first {args.n} test images (clean) and "
             f"their non-target ones triggered, seed {args.seed}, {seconds}s.\n\n{tables}\n\n"
             f"{lost_won_table(worst_row)}\n")

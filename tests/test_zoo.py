@@ -133,7 +133,17 @@ def test_zoo_bench_end_to_end(tmp_path: Path) -> None:
     assert run3.returncode == 0, run3.stderr[-2000:]
     merged = json.loads((out / "results.json").read_text())
     assert merged["meta"]["victims"] == 2 and merged["meta"]["victims_merged"] == 1
+    assert merged["meta"]["rows_merged"] == 3
     assert {(r["victim"], r["label"]): r["ca"] for r in merged["rows"]} == {k: r["ca"] for k, r in rows.items()}
+    # A method run alone on every victim joins the others' rows, which stay as they were.
+    plus = [*cmd[:-6], "--only", "guided", "--merge", "--out", str(out), "--memo", str(tmp_path / "m")]
+    run5 = subprocess.run(plus, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run5.returncode == 0, run5.stderr[-2000:]
+    joined = json.loads((out / "results.json").read_text())
+    assert joined["meta"]["rows_merged"] == 6 and len(joined["rows"]) == 8
+    assert {(r["victim"], r["label"]): r["ca"] for r in joined["rows"] if r["label"] != "guided"} == \
+        {k: r["ca"] for k, r in rows.items()}
+    assert {s["label"] for s in joined["summary"]} == {"none", "sdedit-250", "vote-guided-k5-gate-unveil", "guided"}
     other = [("16" if a == "24" else a) for a in merge]
     run4 = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True)
     assert run4.returncode != 0 and "--merge" in run4.stderr
