@@ -351,6 +351,19 @@ def test_sharpen_is_the_unsharp_mask_of_the_unsharpened_output(model):
     assert sharp.params()["sharpen"] == 0.5 and "sharpen" not in SDEdit(model).params()
 
 
+def test_the_default_votes_passes_are_sharpened_more_than_a_lone_guided_pass(model):
+    # A vote's passes are read by a victim that may take smoothness for a warp trigger (docs/zoo.md, sharpening):
+    # the default vote's guided base sharpens at 1.0 unless told otherwise; a lone `guided` pass keeps 0.5.
+    vote = build_purifier("cascade", model)
+    assert vote.base.params()["sharpen"] == 1.0 and vote.base.params()["restart_tau"] == 0.8
+    assert build_purifier("guided", model).params()["sharpen"] == 0.5
+    assert build_purifier("cascade", model, {"sharpen": 0.5}).base.params()["sharpen"] == 0.5
+    imgs = batch(2)
+    a = build_purifier("cascade", model, {"sharpen": 0.0}).base(imgs, KEYS7[:2], seed=1)
+    b = vote.base(imgs, KEYS7[:2], seed=1)
+    assert torch.allclose(b.images, unsharp_mask(a.images, 1.0, 1.0), atol=1e-5)
+
+
 def test_unveil_clears_a_dark_veil_only_and_is_the_domains_default_for_guided():
     model = tiny_model()
     clean = np.zeros((2, 1, 16, 16), np.uint8)
