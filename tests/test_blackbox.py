@@ -181,7 +181,8 @@ def test_v2_check_closed_port_fails_fast() -> None:
     t0 = time.monotonic()
     with pytest.raises(BlackBoxUnavailable, match="cannot connect"):
         bb.check()
-    assert time.monotonic() - t0 < 3.0
+    # 10 retries with backoff would take ~30 s: a closed port is not worth retrying
+    assert time.monotonic() - t0 < 10
     # predict against a closed port: rows fail with a reason after the configured tries, nothing raised
     bb2 = open_blackbox(f"v2+http://127.0.0.1:{free_port()}/models/victim", **fast(retries=1))
     pred = bb2.predict(np.zeros((3, 1, 28, 28), np.uint8))

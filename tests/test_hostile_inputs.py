@@ -260,7 +260,7 @@ def test_timeout_is_a_deadline_for_a_trickled_answer(crafted_v2_server):
         pred = bb.predict(_images(2))
         took = time.monotonic() - t0
     assert pred.errors == ["timeout after 1 try"] * 2 and pred.retryable.all()
-    assert took < 2.5, f"the request ran {took:.1f}s past a 1 s deadline"
+    assert took < 5, f"the request ran {took:.1f}s past a 1 s deadline (the whole answer takes 8 s)"
 
 
 @pytest.mark.parametrize("override", [
@@ -459,7 +459,7 @@ def test_sagemaker_timeout_is_a_deadline_for_a_trickled_answer(crafted_v2_server
         pred = bb.predict(_images(2))
         took = time.monotonic() - t0
     assert pred.errors == ["timeout after 1 try"] * 2 and pred.retryable.all()
-    assert took < 2.5, f"the request ran {took:.1f}s past a 1 s deadline"
+    assert took < 5, f"the request ran {took:.1f}s past a 1 s deadline (the whole answer takes 8 s)"
     assert srv.requests == 1
 
 
