@@ -21,7 +21,8 @@ from pipeline.evaluate import evaluate, format_rows
 from pipeline.purify import build_purifier, load_model
 from pipeline.purify.models import pick_device
 
-GUIDED6: dict[str, Any] = {"base": "guided", "steps": 6, "restart_tau": None, "sharpen": 0.5, "original_votes": 2}
+GUIDED6: dict[str, Any] = {"base": "guided", "steps": 6, "restart_tau": None, "tau": 0.4, "sharpen": 0.5,
+                           "original_votes": 2}
 GUIDED4: dict[str, Any] = {**GUIDED6, "steps": 4}
 
 # (label, method, params). The first rows are the baselines as published; the last ones are ours.
@@ -52,7 +53,8 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("vote-300-k5-s8-sharp", "cascade", {"base": "sdedit", "t_start": 300, "steps": 8, "eta": 1.0, "sharpen": 0.5,
                                          "k": 5, "escalate": "always", "original_votes": 0}),
     # Votes over `guided` passes. Pinned here since the cascade's own defaults for a guided base moved on
-    # (GUIDED_BASE): 6 guided steps, no restart, sharpened at 0.5, 2 ballots unless a row says otherwise.
+    # (GUIDED_BASE): 6 guided steps, no restart, trusting blocks up to 0.4, sharpened at 0.5, 2 ballots unless a row
+    # says otherwise.
     ("vote-guided-k5", "cascade", {**GUIDED6, "k": 5, "escalate": "always", "original_votes": 0,
                                    "black_level": 0.0}),
     # The same vote, the original label casting 2 ballots where the victim gave it < .95.
@@ -74,10 +76,14 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     # The previous default: that, with 3 ballots and restarts.
     ("vote-guided4-k5-q40-v3-restart", "cascade", {**GUIDED4, "restart_tau": 0.8, "k": 5, "escalate": "always",
                                                    "original_votes": 3, "original_quantile": 0.4}),
-    # The default method (chosen on the zoo's worst victim, docs/zoo.md): that, its passes sharpened at amount 1.
+    # The previous default: that, its passes sharpened at amount 1.
     ("vote-guided4-k5-q40-v3-restart-sharp1", "cascade", {**GUIDED4, "restart_tau": 0.8, "sharpen": 1.0, "k": 5,
                                                           "escalate": "always", "original_votes": 3,
                                                           "original_quantile": 0.4}),
+    # The default method (chosen on the zoo's worst victim, docs/zoo.md): that, its passes trusting blocks up to 0.5.
+    ("vote-guided4-k5-q40-v3-restart-sharp1-tau5", "cascade", {**GUIDED4, "restart_tau": 0.8, "tau": 0.5,
+                                                               "sharpen": 1.0, "k": 5, "escalate": "always",
+                                                               "original_votes": 3, "original_quantile": 0.4}),
 ]
 
 

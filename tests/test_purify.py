@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
+from pipeline.bench import GRID
 from pipeline.blackbox.base import Prediction
 from pipeline.purify import build_purifier
 from pipeline.purify.cascade import Cascade, escalation_seeds, majority, needs_pass, original_ballots
@@ -20,6 +21,7 @@ from pipeline.purify.sampling import CPU_CHUNK, predict_eps
 from pipeline.purify.sdedit import SDEdit
 from pipeline.purify.ssim import ssim_map
 from pipeline.purify.zip import ZIP
+from pipeline.zoo import DEFAULT_LABEL
 
 
 def tiny_model(channels: int = 1, size: int = 16) -> DiffusionModel:
@@ -353,10 +355,17 @@ def test_sharpen_is_the_unsharp_mask_of_the_unsharpened_output(model):
 
 def test_the_default_votes_passes_are_sharpened_more_than_a_lone_guided_pass(model):
     # A vote's passes are read by a victim that may take smoothness for a warp trigger (docs/zoo.md, sharpening):
-    # the default vote's guided base sharpens at 1.0 unless told otherwise; a lone `guided` pass keeps 0.5.
+    # the default vote's guided base sharpens at 1.0 and trusts blocks up to 0.5 unless told otherwise; a lone
+    # `guided` pass keeps 0.5 and 0.4.
     vote = build_purifier("cascade", model)
     assert vote.base.params()["sharpen"] == 1.0 and vote.base.params()["restart_tau"] == 0.8
+    assert vote.base.params()["tau"] == 0.5
     assert build_purifier("guided", model).params()["sharpen"] == 0.5
+    assert build_purifier("guided", model).params()["tau"] == 0.4
+    # The benchmark's default row is the default, and its earlier rows keep what they measured (tau 0.4).
+    grid = {label: params for label, _, params in GRID}
+    assert build_purifier("cascade", model, grid[DEFAULT_LABEL]).params() == vote.params()
+    assert build_purifier("cascade", model, grid["vote-guided4-k5-q40-v3-restart-sharp1"]).base.params()["tau"] == 0.4
     assert build_purifier("cascade", model, {"sharpen": 0.5}).base.params()["sharpen"] == 0.5
     imgs = batch(2)
     a = build_purifier("cascade", model, {"sharpen": 0.0}).base(imgs, KEYS7[:2], seed=1)
