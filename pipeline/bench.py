@@ -22,7 +22,7 @@ from pipeline.purify import build_purifier, load_model
 from pipeline.purify.models import pick_device
 
 GUIDED6: dict[str, Any] = {"base": "guided", "steps": 6, "restart_tau": None, "tau": 0.4, "sharpen": 0.5,
-                           "original_votes": 2}
+                           "original_votes": 2, "original_support": 0.0}
 GUIDED4: dict[str, Any] = {**GUIDED6, "steps": 4}
 
 # (label, method, params). The first rows are the baselines as published; the last ones are ours.
@@ -54,7 +54,7 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
                                          "k": 5, "escalate": "always", "original_votes": 0}),
     # Votes over `guided` passes. Pinned here since the cascade's own defaults for a guided base moved on
     # (GUIDED_BASE): 6 guided steps, no restart, trusting blocks up to 0.4, sharpened at 0.5, 2 ballots unless a row
-    # says otherwise.
+    # says otherwise, ballots that do not ask for the passes' support.
     ("vote-guided-k5", "cascade", {**GUIDED6, "k": 5, "escalate": "always", "original_votes": 0,
                                    "black_level": 0.0}),
     # The same vote, the original label casting 2 ballots where the victim gave it < .95.
@@ -80,10 +80,15 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("vote-guided4-k5-q40-v3-restart-sharp1", "cascade", {**GUIDED4, "restart_tau": 0.8, "sharpen": 1.0, "k": 5,
                                                           "escalate": "always", "original_votes": 3,
                                                           "original_quantile": 0.4}),
-    # The default method (chosen on the zoo's worst victim, docs/zoo.md): that, its passes trusting blocks up to 0.5.
+    # The previous default: that, its passes trusting blocks up to 0.5.
     ("vote-guided4-k5-q40-v3-restart-sharp1-tau5", "cascade", {**GUIDED4, "restart_tau": 0.8, "tau": 0.5,
                                                                "sharpen": 1.0, "k": 5, "escalate": "always",
                                                                "original_votes": 3, "original_quantile": 0.4}),
+    # The default method (chosen on the zoo's worst victim, docs/zoo.md): that, the original's ballots counting only
+    # while the passes give its label a mean probability of at least 0.3.
+    ("vote-guided4-k5-q40-v3-restart-sharp1-tau5-support3", "cascade",
+     {**GUIDED4, "restart_tau": 0.8, "tau": 0.5, "sharpen": 1.0, "k": 5, "escalate": "always", "original_votes": 3,
+      "original_quantile": 0.4, "original_support": 0.3}),
 ]
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 GATE_DEFAULTS: dict[str, Any] = {"original_votes": 3, "original_below": 0.95, "original_quantile": 0.4,
-                                 "calibration_rows": 256}
+                                 "calibration_rows": 256, "original_support": 0.3}
 
 
 def gate_params(params: dict[str, Any]) -> tuple[float | None, float | None, int]:

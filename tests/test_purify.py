@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from pipeline.bench import GRID
 from pipeline.blackbox.base import Prediction
 from pipeline.purify import build_purifier
-from pipeline.purify.cascade import Cascade, escalation_seeds, majority, needs_pass, original_ballots
+from pipeline.purify.cascade import Cascade, escalation_seeds, majority, needs_pass, original_ballots, supported
 from pipeline.purify.degradations import parse_degradation
 from pipeline.purify.filters import unsharp_mask
 from pipeline.purify.guided import Guided
@@ -366,6 +366,10 @@ def test_the_default_votes_passes_are_sharpened_more_than_a_lone_guided_pass(mod
     grid = {label: params for label, _, params in GRID}
     assert build_purifier("cascade", model, grid[DEFAULT_LABEL]).params() == vote.params()
     assert build_purifier("cascade", model, grid["vote-guided4-k5-q40-v3-restart-sharp1"]).base.params()["tau"] == 0.4
+    # The default's ballots ask for the passes' support; the earlier rows' ballots did not.
+    assert vote.params()["original_support"] == 0.3
+    assert build_purifier("cascade", model, grid["vote-guided4-k5-q40-v3-restart-sharp1-tau5"]).params()[
+        "original_support"] == 0.0
     assert build_purifier("cascade", model, {"sharpen": 0.5}).base.params()["sharpen"] == 0.5
     imgs = batch(2)
     a = build_purifier("cascade", model, {"sharpen": 0.0}).base(imgs, KEYS7[:2], seed=1)
@@ -534,6 +538,45 @@ def test_cascade_original_label_votes_only_where_the_black_box_was_unsure(model)
         Cascade(SDEdit(model, t_start=100, steps=1), original_below=1.5)
     with pytest.raises(ValueError, match="original_votes"):
         Cascade(SDEdit(model, t_start=100, steps=1), k=3, original_votes=4)
+
+
+def test_original_ballots_need_the_passes_support(model):
+    """An unsure original (p .6) whose passes split 2-3 against it: its ballots win where the passes keep giving its
+    label some probability (.35, what an unsure clean image keeps), and are withdrawn where the passes that vote
+    against it give it almost none (.02: a trigger whose effect purification took away)."""
+    img = batch(1)
+
+    def black_box(against: float):
+        calls = {"n": 0}
+
+        def classify(x: np.ndarray) -> Prediction:
+            j = calls["n"]
+            calls["n"] += 1
+            lab = [4, 7, 7, 4, 7][j]
+            probs = np.zeros((1, 10), np.float32)
+            probs[0, 4] = 0.55 if lab == 4 else against
+            probs[0, 7] = 1 - probs[0, 4]
+            if j == 0:  # the first query holds the original (label 4, p .6), then pass 0
+                orig = np.zeros((1, 10), np.float32)
+                orig[0, [4, 7]] = 0.6, 0.4
+                probs = np.concatenate([orig, probs])
+            return Prediction(probs.argmax(1), probs, [None] * len(probs))
+
+        return classify
+
+    def vote(support: float, against: float) -> tuple[int, int]:
+        c = Cascade(SDEdit(model, t_start=100, steps=1), k=5, escalate="always", original_votes=3,
+                    original_below=0.95, original_support=support)
+        out = c.run(img, ["a"], seed=0, classify=black_box(against))
+        return int(out.labels[0]), int((out.votes[0] >= 0).sum())
+
+    assert vote(0.3, against=0.35) == (4, 4)  # supported: decided after 4 passes
+    assert vote(0.3, against=0.02) == (7, 5)
+    assert vote(0.0, against=0.02)[0] == 4  # support off: the ballots count whatever the passes say
+    assert supported(None, np.array([0.5]), 0.3) is None  # a label-only black box has nothing to support
+    assert np.isnan(supported(np.array([0.6], np.float32), np.array([np.nan], np.float32), 0.3)[0])
+    with pytest.raises(ValueError, match="original_support"):
+        Cascade(SDEdit(model, t_start=100, steps=1), original_support=1.5)
 
 
 def test_always_cascade_equals_a_full_majority_vote(model):

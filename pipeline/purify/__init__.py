@@ -42,8 +42,8 @@ METHODS: dict[str, type[Purifier]] = {"none": Identity, "sdedit": SDEdit, "zip":
 def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | None = None,
                    dtype: str = "float32") -> Purifier | Cascade:
     """Construct (and so validate) a method. Cascade takes `base` (a method name), `k`, `escalate`,
-    `original_votes`, `original_below`, `original_quantile`, `calibration_rows`, and the base's own params; unknown
-    params raise a TypeError naming them."""
+    `original_votes`, `original_below`, `original_quantile`, `calibration_rows`, `original_support`, and the base's
+    own params; unknown params raise a TypeError naming them."""
     params = dict(params or {})
     if method == "cascade":
         base = params.pop("base", CASCADE_DEFAULTS["base"])
@@ -52,6 +52,7 @@ def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | 
         # a vote of fewer passes than the default ballots gets as many ballots as passes unless told otherwise
         original_votes = params.pop("original_votes", min(CASCADE_DEFAULTS["original_votes"], k)
                                     if isinstance(k, int) else CASCADE_DEFAULTS["original_votes"])
+        original_support = params.pop("original_support", CASCADE_DEFAULTS["original_support"])
         original_quantile, original_below, calibration_rows = gate_params(params)
         for name in ("original_quantile", "original_below", "calibration_rows"):
             params.pop(name, None)
@@ -61,7 +62,8 @@ def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | 
             params.setdefault(name, value)
         return Cascade(build_purifier(base, model, params, dtype), k=k,  # type: ignore[arg-type]
                        escalate=escalate, original_votes=original_votes, original_below=original_below,
-                       original_quantile=original_quantile, calibration_rows=calibration_rows)
+                       original_quantile=original_quantile, calibration_rows=calibration_rows,
+                       original_support=original_support)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted([*METHODS, 'cascade'])}")
     try:

@@ -21,7 +21,14 @@ box's own answers: the q-quantile of its top probability on the job's first `cal
 (`Cascade.calibrate`). "Certain" is a property of each model (label smoothing caps a victim's probabilities near .9,
 a long unregularised training puts most clean images above .99), so a fixed probability opens the gate for every
 triggered image of one victim and for no clean image of another; a rank within the model's own answers means the
-same thing for both. What these rules measure: docs/methods.md and docs/zoo.md.
+same thing for both.
+
+The ballots also need the passes' support (`original_support` m): they count only while the black box, asked about
+the passes run so far, gives the original label a mean probability of at least m. Purification takes a trigger's
+effect away, so the passes of a triggered image give the target little probability even where the victim's own
+answer was unsure enough to open the gate; a clean image the model was unsure about keeps some probability for its
+label through the passes. The support is re-read after every pass, and the stopping rule reads the ballots as they
+stand. What these rules measure: docs/methods.md and docs/zoo.md.
 
 The rounds are written once, as generators (`Cascade.steps`, `one_pass_steps`) that yield what they need next, a
 purifier pass (`PurifyStep`) or a query (`QueryStep`), and receive the answer. `drive` runs them inline with a plain
@@ -50,7 +57,8 @@ Classify = Callable[[np.ndarray], Any]
 # already keeps a removed patch out, so more of a clean image's coarse content can be kept), unsharp-masked at
 # amount 1 rather than 0.5: a vote's passes are read by a victim that may take smoothness for a warp trigger),
 # stopped once decided; the original label casts 3 ballots where the black box gave it less than its own
-# 0.4-quantile, measured on the job's first 256 rows. `original_below` (.95) is the fixed gate used when
+# 0.4-quantile, measured on the job's first 256 rows, and only while the passes give it a mean probability of at
+# least 0.3 (`original_support`). `original_below` (.95) is the fixed gate used when
 # `original_quantile` is null. With `base: sdedit`, SDEDIT_BASE fills what the user leaves out (a plain-SDEdit
 # vote); other bases use their own defaults. Chosen on the worst victim of the zoo (`python -m pipeline zoo`,
 # docs/zoo.md).
@@ -116,6 +124,17 @@ def original_ballots(pred_orig: np.ndarray, score_orig: np.ndarray | None, votes
         opens = ~np.isnan(s) & (s < np.float32(below))
     label = np.where(opens & (pred_orig >= 0), pred_orig, -1).astype(np.int64)
     return np.repeat(label[:, None], votes, axis=1)
+
+
+def supported(score_orig: np.ndarray | None, support: np.ndarray, least: float) -> np.ndarray | None:
+    """The original's probabilities (`score_orig`, NaN = unknown) where the passes' mean probability for the original
+    label (`support`, NaN = unknown) is at least `least`, NaN elsewhere: what `original_ballots` reads, so that
+    unsupported rows cast no ballot. `least` 0: the original's probabilities as they are."""
+    if score_orig is None or least <= 0:
+        return score_orig
+    s = np.asarray(score_orig, np.float32)
+    ok = ~np.isnan(support) & (support >= np.float32(least))
+    return np.where(ok, s, np.float32(np.nan))
 
 
 def needs_pass(pred_orig: np.ndarray, votes: np.ndarray, k: int, escalate: str,
@@ -280,7 +299,8 @@ class Cascade:
     """Wraps a base purifier: `k` passes at most per image, escalated by `escalate` (`flip` or `always`); the
     original label casts `original_votes` ballots where the black box's probability for it is below the gate's
     threshold: `original_below` (None: always), or with `original_quantile` the threshold `calibrate` measures on
-    the first `calibration_rows` images of the job (`original_below`, if given too, is taken as that measurement).
+    the first `calibration_rows` images of the job (`original_below`, if given too, is taken as that measurement),
+    and only while the passes give the original label a mean probability of at least `original_support`.
     Constructed directly, the gate is fixed; `build_purifier` applies the method's defaults (DEFAULTS), which
     measure it."""
 
@@ -290,7 +310,8 @@ class Cascade:
                  original_votes: int = DEFAULTS["original_votes"],
                  original_below: float | None = DEFAULTS["original_below"],
                  original_quantile: float | None = None,
-                 calibration_rows: int = DEFAULTS["calibration_rows"]) -> None:
+                 calibration_rows: int = DEFAULTS["calibration_rows"],
+                 original_support: float = DEFAULTS["original_support"]) -> None:
         if not 1 <= int(k) <= K_MAX:
             raise ValueError(f"k must be in [1, {K_MAX}], got {k}")
         if escalate not in ESCALATE:
@@ -302,10 +323,13 @@ class Cascade:
         lowest = 0.0 if original_quantile is not None else 1e-12  # a measured gate may be shut (label-only)
         if original_below is not None and not lowest <= float(original_below) <= 1.0:
             raise ValueError(f"original_below must be in (0, 1] (a probability) or null, got {original_below}")
+        if not 0.0 <= float(original_support) <= 1.0:
+            raise ValueError(f"original_support must be in [0, 1] (a probability; 0 = off), got {original_support}")
         if not 1 <= int(calibration_rows) <= 100_000:
             raise ValueError(f"calibration_rows must be in [1, 100000], got {calibration_rows}")
         self.base, self.k, self.escalate = base, int(k), escalate
         self.original_votes = int(original_votes)
+        self.original_support = float(original_support)
         self.original_quantile = None if original_quantile is None else float(original_quantile)
         self.calibration_rows = int(calibration_rows)
         self.original_below = None if original_below is None else float(original_below)
@@ -324,14 +348,19 @@ class Cascade:
 
     def params(self) -> dict[str, Any]:
         out = {"base": self.base.name, **self.base.params(), "k": self.k, "escalate": self.escalate,
-               "original_votes": self.original_votes, "original_below": self.original_below}
+               "original_votes": self.original_votes, "original_below": self.original_below,
+               "original_support": self.original_support}
         if self.original_quantile is not None:
             out.update(original_quantile=self.original_quantile, calibration_rows=self.calibration_rows)
         return out
 
-    def ballots(self, pred_orig: np.ndarray, score_orig: np.ndarray | None) -> np.ndarray:
+    def ballots(self, pred_orig: np.ndarray, score_orig: np.ndarray | None,
+                support: np.ndarray | None = None) -> np.ndarray:
+        """The original label's ballots; `support`: the passes' mean probability for it so far (None: not asked)."""
         if self.needs_calibration:
             raise RuntimeError("the vote's gate is measured per job (original_quantile): call calibrate() first")
+        if support is not None:
+            score_orig = supported(score_orig, support, self.original_support)
         return original_ballots(pred_orig, score_orig, self.original_votes, self.original_below)
 
     @property
@@ -350,7 +379,9 @@ class Cascade:
         fail.add(np.arange(n), a)
         fail.add(np.arange(n), a, offset=n)
         pred_orig, score_orig = a.labels[:n], a.own_score[:n]
-        ballots = self.ballots(pred_orig, score_orig if a.scores is not None else None)
+        scored = a.scores is not None
+        support = _Support(a.score_of(pred_orig, offset=n))
+        ballots = self.ballots(pred_orig, score_orig if scored else None, support.mean)
         votes = np.full((n, self.k), -1, dtype=np.int64)
         votes[:, 0] = a.labels[n:]
         passes = np.zeros((n, self.k, *out.shape[1:]), dtype=np.uint8)
@@ -366,6 +397,8 @@ class Cascade:
             aj = Answer.of((yield QueryStep(imgs)), len(rows))
             votes[rows, j] = aj.labels
             fail.add(rows, aj)
+            support.add(rows, aj.score_of(pred_orig[rows]))
+            ballots = self.ballots(pred_orig, score_orig if scored else None, support.mean)
         out = finish_cascade(pred_orig, votes, passes, nfe, ballots)
         bad = fail.failed
         first_score = a.own_score[n:]
@@ -381,6 +414,26 @@ class Cascade:
             classify: Classify) -> Decision:
         images = np.asarray(images)
         return drive(self.steps(images, seed), images, keys, self.base, classify)
+
+
+class _Support:
+    """Per row, the mean over the passes run so far of the black box's probability for the original label (passes
+    answered without scores left out; NaN while none had one)."""
+
+    def __init__(self, first: np.ndarray) -> None:
+        known = ~np.isnan(first)
+        self.total = np.where(known, first, 0.0).astype(np.float64)
+        self.count = known.astype(np.int64)
+
+    def add(self, rows: np.ndarray, scores: np.ndarray) -> None:
+        known = ~np.isnan(scores)
+        self.total[rows] += np.where(known, scores, 0.0)
+        self.count[rows] += known
+
+    @property
+    def mean(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan).astype(np.float32)
 
 
 @dataclass
