@@ -432,8 +432,7 @@ class _Support:
 
     @property
     def mean(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan).astype(np.float32)
+        return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan).astype(np.float32)
 
 
 @dataclass
