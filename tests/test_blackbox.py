@@ -19,7 +19,7 @@ from pipeline.blackbox import (
     open_blackbox,
     parse_output,
 )
-from tests.plugins.blackbox import free_port
+from tests.plugins.blackbox import free_port, send_raw, v2_answer
 
 SECRET = "s3cr3t-T0KEN-do-not-leak"
 API_KEY = "k3y-also-secret-42"
@@ -251,6 +251,37 @@ def test_non_retryable_status_fails_at_once(flaky_v2_server) -> None:
     assert bb.stats()["retries"] == 0 and srv.requests == 0
 
 
+def test_a_refused_request_is_split_until_each_refusal_names_one_row(crafted_v2_server) -> None:
+    """A 4xx answers the whole request: a body-size limit fails every row of a big request alike, and one bad image
+    fails its chunk-mates. Only a row refused alone is refused for its own data (not retried by the next run)."""
+    def respond(i: int, n: int, h) -> None:
+        data = np.asarray(h.body["inputs"][0]["data"], np.float32).reshape(n, -1)
+        if n > 4:
+            send_raw(h, 413, b'{"error": "request entity too large"}')
+        elif (data[:, 0] > 0.5).any():
+            send_raw(h, 422, b'{"error": "pixel out of range"}')
+        else:
+            send_raw(h, 200, v2_answer(np.full(n, 7), [n], "INT64"))
+
+    srv = crafted_v2_server(respond)
+    x = np.zeros((16, 1, 28, 28), np.uint8)
+    x[5, 0, 0, 0] = 255
+    bb = open_blackbox(srv.url, max_batch_size=16, max_concurrency=1, **fast(retries=0))
+    pred = bb.predict(x)
+    assert pred.errors[5].startswith("http 422") and not pred.retryable[5]
+    assert [e for i, e in enumerate(pred.errors) if i != 5] == [None] * 15
+    assert list(pred.labels[:5]) == [7] * 5 and pred.labels[5] == -1
+    # 16 -> 8 + 8 -> four 4s -> 2 + 2 -> 1 + 1
+    assert srv.requests == 1 + 2 + 4 + 2 + 2
+    assert_accounted(pred, bb.stats(), 16)
+
+    # A limit no split gets under (413 even for one image) belongs to the deployment: every row is retried later.
+    always = crafted_v2_server(lambda i, n, h: send_raw(h, 413, b'{"error": "request entity too large"}'))
+    refused = open_blackbox(always.url, max_batch_size=2, max_concurrency=1, **fast(retries=0)).predict(x[:2])
+    assert refused.errors == ['http 413: {"error": "request entity too large"}'] * 2
+    assert list(refused.retryable) == [True, True] and always.requests == 3
+
+
 def test_slow_server_times_out_and_recovers(slow_v2_server) -> None:
     srv = slow_v2_server(delay_s=0.5)
     x = np.zeros((2, 1, 28, 28), np.uint8)
@@ -380,18 +411,27 @@ def test_sagemaker_errors_with_stubber() -> None:
         # throttled twice: retried once, then recorded
         stub.add_client_error("invoke_endpoint", "ThrottlingException", "slow down", 400)
         stub.add_client_error("invoke_endpoint", "ThrottlingException", "slow down", 400)
-        # the container answered 4xx: not retried
-        stub.add_client_error("invoke_endpoint", "ModelError", "bad input", 424,
-                              modeled_fields={"OriginalStatusCode": 400})
+        # the container answered 4xx: not retried, but the request is split so that each row is refused alone
+        for _ in range(3):
+            stub.add_client_error("invoke_endpoint", "ModelError", "bad input", 424,
+                                  modeled_fields={"OriginalStatusCode": 400})
+        # SageMaker's own 400s are about the call (credentials, the endpoint): the next run must ask again
+        stub.add_client_error("invoke_endpoint", "AccessDeniedException", "not allowed", 400)
         cstub.add_response("describe_endpoint", {
             "EndpointName": "ep", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/ep",
             "EndpointConfigName": "c", "EndpointStatus": "Creating", "CreationTime": "2026-01-01",
             "LastModifiedTime": "2026-01-01"})
         first = bb.predict(x)
         second = bb.predict(x)
+        third = bb.predict(x)
         with pytest.raises(BlackBoxUnavailable, match="Creating"):
             bb.check()
+        stub.assert_no_pending_responses()
     assert first.errors == ["sagemaker ThrottlingException (http 400) after 2 tries"] * 2
-    assert second.errors[0].startswith("sagemaker ModelError")
+    assert list(first.retryable) == [True, True]
+    assert all(e.startswith("sagemaker ModelError") for e in second.errors)
+    assert list(second.retryable) == [False, False]
+    assert third.errors == ["sagemaker AccessDeniedException (http 400): not allowed"] * 2
+    assert list(third.retryable) == [True, True]
     s = bb.stats()
-    assert s["retries"] == 1 and s["failures"] == 4
+    assert s["retries"] == 3 and s["failures"] == 6  # one throttle, two halves of the refused request

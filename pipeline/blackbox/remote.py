@@ -262,9 +262,10 @@ class RemoteBlackBox(BudgetedBlackBox):
         finally:
             self._stats.latency((time.perf_counter() - t0) * 1000.0)
 
-    def _run_chunk(self, x: np.ndarray) -> Prediction:
+    def _run_chunk(self, x: np.ndarray, split: bool = False) -> Prediction:
         n = len(x)
-        self._stats.add(queries=1, images=n)
+        # a half of a refused request asks again for rows already counted: a retry, like a transient failure's
+        self._stats.add(**({"retries": 1} if split else {"queries": 1, "images": n}))
         retrying = Retrying(stop=stop_after_attempt(self.retries + 1), wait=self._wait,
                             retry=retry_if_exception_type(RetryableError), before_sleep=self._before_sleep,
                             sleep=self._sleep, reraise=True)
@@ -277,6 +278,8 @@ class RemoteBlackBox(BudgetedBlackBox):
             tries = self.retries + 1
             error = f"{e.reason} after {tries} {'try' if tries == 1 else 'tries'}"
         except FatalError as e:
+            if n > 1 and (not e.retryable or e.status == 413):
+                return self._split(x, e, split)
             error, retryable = e.reason, e.retryable
         except ValueError as e:  # parse_output: the model answered, but not with something we can read
             error = f"bad response: {e}"
@@ -289,3 +292,14 @@ class RemoteBlackBox(BudgetedBlackBox):
         error = redact_cut(error, self._redact)
         self._stats.add(failures=n)
         return Prediction(np.full(n, -1, np.int64), None, [error] * n, np.full(n, retryable))
+
+    def _split(self, x: np.ndarray, refusal: FatalError, split: bool) -> Prediction:
+        # A refusal answers the whole request, not one row: a body-size or server batch-size limit (413, or a 400
+        # saying so) fails every row alike, and one bad image fails its chunk-mates. Halving until the halves pass or
+        # a single row is refused keeps the good rows, and leaves the row's own verdict only to a row refused alone.
+        if not split:
+            log.warning("black box %s refused a request of %d images (%s): resending it in halves; if every "
+                        "request is refused, lower blackbox.max_batch_size", self._target(), len(x),
+                        self._redact(refusal.reason)[:200])
+        half = len(x) // 2
+        return Prediction.concat([self._run_chunk(x[:half], True), self._run_chunk(x[half:], True)])

@@ -85,9 +85,14 @@ class SageMakerBlackBox(RemoteBlackBox):
             # one byte past the cap tells a bomb from an answer without holding the bomb
             return resp["Body"].read(self.max_response_bytes + 1)
 
+        future = self._calls.submit(call)
         try:
-            raw = self._calls.submit(call).result(timeout=self.timeout_s)
-        except (ReadTimeoutError, ConnectTimeoutError, FutureTimeout) as e:
+            raw = future.result(timeout=self.timeout_s)
+        except FutureTimeout as e:
+            # still queued behind other calls: it must not go out (and be billed) after its retry has
+            future.cancel()
+            raise RetryableError("timeout") from e
+        except (ReadTimeoutError, ConnectTimeoutError) as e:
             raise RetryableError("timeout") from e
         except EndpointConnectionError as e:
             raise RetryableError("connect error") from e
@@ -101,9 +106,11 @@ class SageMakerBlackBox(RemoteBlackBox):
             reason = f"sagemaker {code} (http {status})"
             if code in _RETRY_CODES or status in RETRY_STATUS:
                 raise RetryableError(reason) from e
-            # not cut here: the engine redacts first, then cuts
-            raise FatalError(f"{reason}: {err.get('Message', '')}", retryable=status not in DATA_STATUS,
-                             status=status or None) from e
+            # Only the model container's own 4xx (ModelError, its status in OriginalStatusCode) refuses the data;
+            # SageMaker's 400s are about the call: AccessDenied, an expired token, an endpoint being replaced, a
+            # payload over the service's limit. Not cut here: the engine redacts first, then cuts.
+            data = code == "ModelError" and status in DATA_STATUS
+            raise FatalError(f"{reason}: {err.get('Message', '')}", retryable=not data, status=status or None) from e
         if len(raw) > self.max_response_bytes:
             raise FatalError(f"bad response: response larger than {self.max_response_bytes} bytes")
         try:

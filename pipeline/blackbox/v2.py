@@ -18,8 +18,10 @@ from .httpio import ACCEPT_ENCODING, ResponseTooLarge, deadline, deadline_transp
 from .remote import FatalError, RemoteBlackBox, RetryableError, headers_from_env, parse_retry_after
 
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-# The endpoint refused the request's content: asking again with the same image will not help.
-DATA_STATUS = frozenset({400, 413, 415, 422})
+# The endpoint refused the request's content: asking again with the same image will not help (once a row is refused
+# alone: the engine splits a refused request first). 413 is not here: a body-size limit belongs to the deployment,
+# not to one image of a fixed size.
+DATA_STATUS = frozenset({400, 415, 422})
 # How much of an error body is read for its message.
 _ERROR_BODY_BYTES = 4096
 _NP_TO_V2 = {v: k for k, v in V2_DTYPES.items()}

@@ -342,7 +342,8 @@ def v2_answer(data: object, shape: Sequence[int], datatype: str = "FP32") -> byt
 
 
 class CraftedV2Server:
-    """Ready checks answer 200; the i-th infer request is answered by ``respond(i, n_rows, handler)``."""
+    """Ready checks answer 200; the i-th infer request is answered by ``respond(i, n_rows, handler)`` (the request's
+    parsed JSON body is ``handler.body``)."""
 
     def __init__(self, respond: Callable[[int, int, BaseHTTPRequestHandler], None], model_name: str = "victim",
                  require_headers: Mapping[str, str] | None = None) -> None:
@@ -370,6 +371,7 @@ class CraftedV2Server:
                 with server._lock:
                     i = server.requests
                     server.requests += 1
+                self.body = body
                 server.respond(i, int(body["inputs"][0]["shape"][0]), self)
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
