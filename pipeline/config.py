@@ -33,8 +33,8 @@ class SourceConfig(_Section):
     uri: str = "out/demo/shards"
     format: Literal["parquet", "webdataset", "imagefolder"] = "parquet"
     image_column: str = "image"
-    key_column: str = "key"
-    label_column: str = "label"
+    key_column: str | None = "key"  # null: file:row keys
+    label_column: str | None = "label"  # null: the source has no labels
     endpoint_url: str | None = None  # S3-compatible store; else env S3_ENDPOINT_URL / AWS chain
     limit: int | None = Field(default=None, ge=1, le=10**12)
     decode_policy: Literal["resize", "pad", "reject"] = "resize"
@@ -100,6 +100,14 @@ class ResourcesConfig(_Section):
     # Ray's default (128 MiB) would hold ~80k small images in one block, written only when the block is done.
     max_block_kib: int = Field(default=4096, ge=16, le=1 << 20)
     torch_threads: int | None = Field(default=None, ge=1, le=4096)  # CPU purification threads; None: all cores
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> ResourcesConfig:
+        # Caught here, not by Ray's actor pool, which would refuse only after the gate's calibration rows were billed.
+        if self.max_purify_actors is not None and self.max_purify_actors < self.purify_actors:
+            raise ValueError(f"max_purify_actors ({self.max_purify_actors}) must be at least purify_actors "
+                             f"({self.purify_actors}), the pool's initial and minimum size")
+        return self
 
 
 class OutputConfig(_Section):

@@ -45,7 +45,7 @@ from pipeline.sources import (
     read_source,
 )
 from pipeline.stages import PurifyStage
-from pipeline.storage import StorageError, check_writable, describe, resolve_filesystem, uri_path
+from pipeline.storage import StorageError, check_writable, describe, redact_userinfo, resolve_filesystem, uri_path
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "_ray_checkpoint"  # inside the output; '_' keeps it out of Parquet dataset discovery
@@ -456,7 +456,7 @@ def run_sanitize(cfg: JobConfig) -> Summary:
     this_run = total - before  # `before` was counted after the retryable rows left the output
     s = Summary(rows_total=total, rows_this_run=this_run, errors=errors, flagged=flagged,
                 mean_nfe=float(nfe.mean()) if total else 0.0, seconds=seconds,
-                images_per_s=this_run / seconds if seconds > 0 else 0.0, output=cfg.output.uri,
+                images_per_s=this_run / seconds if seconds > 0 else 0.0, output=redact_userinfo(cfg.output.uri),
                 retryable=retryable, retried=retried, queries=int(bb_stats.get("images", 0)),
                 budget_rejected=int(bb_stats.get("budget_rejected", 0)),
                 unet_share=float(bb_stats.get("unet_share", 0.0)), gate=gate)

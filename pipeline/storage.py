@@ -43,14 +43,19 @@ _NETWORK_MARKERS = (
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@:]*(?::[^\s@]*)?@")
 
 
+# A URL's query, where presigned URLs and SAS tokens carry their signature and credential (X-Amz-Signature, sig=).
+_QUERY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s'\"?]*)\?[^\s'\"]+")
+
+
 def redact_userinfo(text: str) -> str:
-    """``s3://KEY:SECRET@bucket`` -> ``s3://***@bucket``, in any text (URIs, SDK error messages)."""
-    return _USERINFO.sub(r"\1***@", text)
+    """``s3://KEY:SECRET@bucket`` -> ``s3://***@bucket`` and ``https://host/k?X-Amz-Signature=...`` ->
+    ``https://host/k?***``, in any text (URIs, SDK error messages)."""
+    return _QUERY.sub(r"\1?***", _USERINFO.sub(r"\1***@", text))
 
 
 class StorageError(RuntimeError):
     """A source or destination cannot be used; the message says which and why (never with credentials: any
-    ``scheme://user:password@`` in it is masked, whoever built the message)."""
+    ``scheme://user:password@`` and any URL's query in it is masked, whoever built the message)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(redact_userinfo(str(message)))
@@ -123,7 +128,8 @@ def resolve_filesystem(
     try:
         return pafs.FileSystem.from_uri(uri_or_path)
     except (ValueError, TypeError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise StorageError(f"unsupported URI {uri_or_path!r}: {e}") from e
+        # not chained: pyarrow's message repeats the URI unmasked, and a traceback would print it
+        raise StorageError(f"unsupported URI {uri_or_path!r}: {e}") from None
 
 
 def _s3_filesystem(bucket: str, endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:

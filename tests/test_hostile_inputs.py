@@ -278,6 +278,15 @@ def test_config_in_range_values_still_load() -> None:
     cfg = load_config(None, ["blackbox.rate_limit_qps=5", "blackbox.timeout_s=2.5", "resources.query_actors=8"])
     assert cfg.blackbox.rate_limit_qps == 5 and cfg.resources.query_actors == 8
     assert load_config(None, ["blackbox.rate_limit_qps=null"]).blackbox.rate_limit_qps is None
+    # what the source's own messages advise for a column that is not a key: file:row keys, no labels
+    plain = load_config(None, ["source.key_column=null", "source.label_column=null"]).source
+    assert plain.key_column is None and plain.label_column is None
+
+
+def test_a_pool_whose_bound_is_below_its_size_is_refused_before_any_work() -> None:
+    with pytest.raises(ValidationError, match=r"max_purify_actors \(2\) must be at least purify_actors \(4\)"):
+        load_config(None, ["resources.purify_actors=4", "resources.max_purify_actors=2"])
+    assert load_config(None, ["resources.purify_actors=2", "resources.max_purify_actors=2"]).resources
 
 
 def test_clients_refuse_unbounded_numbers_too() -> None:
@@ -329,6 +338,17 @@ def test_credentials_inside_a_storage_uri_never_appear(uri):
         resolve_filesystem(uri)
     assert "SeCrEt" not in str(ei.value) and "credentials" in str(ei.value)
     assert ei.value.__cause__ is None or "SeCrEt" not in str(ei.value.__cause__)
+
+
+@pytest.mark.parametrize("uri", [
+    "https://b.s3.amazonaws.com/k.parquet?X-Amz-Credential=AKIAKEY&X-Amz-Security-Token=SeCrEtTok"
+    "&X-Amz-Signature=SeCrEtSig",
+    "https://acct.blob.core.windows.net/c/k.parquet?sv=2022&sig=SeCrEtSas"])
+def test_a_presigned_or_sas_url_as_storage_uri_never_echoes_its_signature(uri):
+    with pytest.raises(StorageError) as ei:
+        resolve_filesystem(uri)
+    assert "SeCrEt" not in str(ei.value) and "AKIAKEY" not in str(ei.value) and "unsupported URI" in str(ei.value)
+    assert ei.value.__cause__ is None
 
 
 def test_credentials_inside_an_endpoint_url_never_appear():
