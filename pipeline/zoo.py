@@ -239,7 +239,8 @@ def _shown(path: Path) -> str:
 
 def merged_rows(path: Path, running: set[tuple[str, str]], setup: dict) -> list[dict]:
     """The rows of an earlier run at `path` for (victim, method label) pairs not in `running`. An earlier run with
-    another model, image count, seed or dtype measured something else, so merging into it fails."""
+    another model (or other weights under its name), image count, seed or dtype measured something else, so merging
+    into it fails."""
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--memo", type=Path, help="keep purified images in this file across runs (same model, n, seed)")
+    ap.add_argument("--memo", type=Path,
+                    help="keep purified images in this file across runs (same model weights, n, dtype)")
     ap.add_argument("--out", type=Path, default=Path("out/zoo"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of --out/results.json for the victims and methods not run now (same model, "
@@ -295,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown victims among {names}")
     device = pick_device(args.device)
     model = load_model(args.model, device)
-    memo_meta = {"model": args.model, "n": args.n, "dtype": args.dtype}
+    # Keyed by the weights too: a retrained model keeps its preset name and folder.
+    memo_meta = {"model": args.model, "weights": model.fingerprint(), "n": args.n, "dtype": args.dtype}
     memo: dict = {}
     if args.memo and args.memo.exists():
         saved = pickle.loads(args.memo.read_bytes())
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    setup = {"model": args.model, "n": args.n, "seed": args.seed, "dtype": args.dtype}
+    setup = {"model": args.model, "weights": memo_meta["weights"], "n": args.n, "seed": args.seed, "dtype": args.dtype}
     running = {(v["name"], w) for v in victims for w in wanted}
     kept = merged_rows(args.out / "results.json", running, setup) if args.merge else []
     for label, computed, got in run(victims, [grid[w] for w in wanted], model, args.n, args.seed, args.batch_size,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +149,26 @@ def test_zoo_bench_end_to_end(tmp_path: Path) -> None:
     other = [("16" if a == "24" else a) for a in merge]
     run4 = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True)
     assert run4.returncode != 0 and "--merge" in run4.stderr
+
+    # Retrained weights under the same preset name: the memo's images are not replayed, and merging into results
+    # made with the old weights is refused.
+    from pipeline.purify import load_model
+
+    retrained = tmp_path / "models" / "fmnist-ddpm"
+    model = load_model("fmnist-tiny", "cpu")
+    with torch.no_grad():
+        next(model.unet.parameters()).mul_(1.01)
+    model.unet.save_pretrained(retrained / "unet", safe_serialization=True)
+    shutil.copytree(ROOT / "models" / "fmnist-ddpm" / "scheduler", retrained / "scheduler")
+    env_retrained = {**env, "PIPELINE_MODELS_DIR": str(retrained.parent)}
+    alone = [*cmd[:-6], "--victims", "mlp-aware", "--only", "sdedit-250", "--out", str(out / "retrained"), "--memo",
+             str(tmp_path / "m")]
+    run6 = subprocess.run(alone, cwd=ROOT, env=env_retrained, capture_output=True, text=True)
+    assert run6.returncode == 0, run6.stderr[-2000:]
+    purified = re.search(r"sdedit-250: (\d+) images purified", run6.stdout)
+    assert purified and int(purified.group(1)) > 24, run6.stdout
+    run7 = subprocess.run(merge, cwd=ROOT, env=env_retrained, capture_output=True, text=True)
+    assert run7.returncode != 0 and "--merge" in run7.stderr and "weights" in run7.stderr
 
 
 def test_memo_replays_the_purifier_exactly() -> None:

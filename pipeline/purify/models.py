@@ -6,6 +6,7 @@ Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020); only `alphas_
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,16 @@ class DiffusionModel:
     def to(self, device: str | torch.device) -> DiffusionModel:
         self.unet.to(device)
         return self
+
+    def fingerprint(self) -> str:
+        """A short digest of the UNet's weights and the schedule: what a cache of purified images is keyed by, since a
+        preset name or a folder keeps its name when the weights in it are retrained."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.unet.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(self.alphas_cumprod.numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 def resolve_source(name_or_path: str) -> tuple[str, ModelPreset | None]:
