@@ -6,6 +6,11 @@ though: before a rerun starts, `release_retryable` removes such rows (``retryabl
 output files and their ids from the checkpoint, so the rerun processes them again. Rows that failed on their own
 data (``retryable`` false) stay as they are.
 
+A repeated key is a verdict on the source as it is now, not on the row: when a shard added since the last run
+repeats a key that run finished, the finished row is released too, so that every row carrying the key becomes a
+"duplicate key" error row (instead of the new row being skipped as done); and a "duplicate key" error row whose key
+no longer repeats is released, so that its row gets a result.
+
 Order matters for a crash in the middle: ids leave the checkpoint first, rows leave the output second. Stopped
 between the two, the next start finds the same rows and finishes the job; at no point is a row in neither place.
 Each file is rewritten under a hidden temporary name and moved over the original, so a reader never sees half a
@@ -16,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -25,6 +32,7 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 PENDING_SUFFIX = ".pending.parquet"  # Ray's two-phase commit: not yet committed, Ray cleans these itself
+DUPLICATE_KEY = "duplicate key"  # how the error of a row whose key repeats in the source begins
 
 
 @dataclass
@@ -52,16 +60,30 @@ def _rewrite(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     fs.move(tmp, path)
 
 
-def retryable_ids(fs: pafs.FileSystem, out_path: str, id_column: str) -> tuple[pa.Array, dict[str, int]]:
-    """The ids of retryable error rows in the output, and how many such rows each file holds."""
+def _release_mask(t: pa.Table, id_column: str, duplicated: pa.Array | None) -> pa.Array:
+    """Rows of an output table to process again: retryable error rows, and rows whose "duplicate key" verdict no
+    longer matches the source (``duplicated``: its repeated keys as strings; None: not checked)."""
+    mask = pc.fill_null(t["retryable"], False) if "retryable" in t.column_names else pa.array(
+        np.zeros(t.num_rows, bool))
+    if duplicated is not None and "error" in t.column_names:
+        repeats = pc.fill_null(pc.is_in(pc.cast(t[id_column], pa.string()), value_set=duplicated), False)
+        marked = pc.fill_null(pc.starts_with(t["error"], DUPLICATE_KEY), False)
+        mask = pc.or_(mask, pc.xor(repeats, marked))
+    return mask
+
+
+def released_ids(fs: pafs.FileSystem, out_path: str, id_column: str, duplicated: pa.Array | None = None
+                 ) -> tuple[pa.Array, dict[str, int]]:
+    """The ids of the output's rows to process again (see _release_mask), and how many such rows each file holds."""
     ids: list[pa.Array] = []
     per_file: dict[str, int] = {}
     for path in _parquet_files(fs, out_path):
         schema = pq.read_schema(path, filesystem=fs)
         if "retryable" not in schema.names or id_column not in schema.names:
             continue
-        t = pq.read_table(path, filesystem=fs, columns=[id_column, "retryable"])
-        mask = pc.fill_null(t["retryable"], False)
+        columns = [id_column, "retryable"] + (["error"] if duplicated is not None and "error" in schema.names else [])
+        t = pq.read_table(path, filesystem=fs, columns=columns)
+        mask = _release_mask(t, id_column, duplicated)
         hits = int(pc.sum(mask).as_py() or 0)
         if hits:
             per_file[path] = hits
@@ -71,9 +93,13 @@ def retryable_ids(fs: pafs.FileSystem, out_path: str, id_column: str) -> tuple[p
     return pa.concat_arrays([a.cast(ids[0].type) for a in ids]), per_file
 
 
-def release_retryable(fs: pafs.FileSystem, out_path: str, checkpoint_path: str, id_column: str) -> Released:
-    """Make the next run retry every retryable error row of the output (see the module's docstring)."""
-    ids, per_file = retryable_ids(fs, out_path, id_column)
+def release_retryable(fs: pafs.FileSystem, out_path: str, checkpoint_path: str, id_column: str,
+                      duplicated_keys: Collection[str] | None = None) -> Released:
+    """Make the next run retry every retryable error row of the output, and every row whose "duplicate key" verdict
+    the source has changed (``duplicated_keys``: the keys that repeat in it now; None: not checked). See the
+    module's docstring."""
+    duplicated = None if duplicated_keys is None else pa.array(sorted(duplicated_keys), pa.string())
+    ids, per_file = released_ids(fs, out_path, id_column, duplicated)
     if not per_file:
         return Released(0, 0)
     for path in _parquet_files(fs, checkpoint_path) if _exists(fs, checkpoint_path) else []:
@@ -88,11 +114,11 @@ def release_retryable(fs: pafs.FileSystem, out_path: str, checkpoint_path: str, 
     removed = 0
     for path in per_file:
         t = pq.read_table(path, filesystem=fs)
-        keep = pc.invert(pc.fill_null(t["retryable"], False))
-        kept = t.filter(keep)
+        kept = t.filter(pc.invert(_release_mask(t, id_column, duplicated)))
         removed += t.num_rows - kept.num_rows
         _rewrite(fs, path, kept)
-    log.info("retrying %d row(s) that failed for a reason that can pass (black box, budget, credentials)", removed)
+    log.info("processing again %d row(s) that failed for a reason that can pass (black box, budget, credentials, "
+             "a key that repeated or now repeats)", removed)
     return Released(removed, len(per_file))
 
 

@@ -448,6 +448,28 @@ def test_bad_inputs_through_the_whole_job(ray_local, tmp_path):
     assert np.abs(orig["rgb-40x36"].astype(int) - round((299 * rgb[0] + 587 * rgb[1] + 114 * rgb[2]) / 1000)).max() <= 1
     assert summary.errors == len(expected_errors) + 2
 
+    # A shard added later repeats a key the first run finished: the new row is not skipped as done, the finished row
+    # is taken back, and both become duplicate-key error rows; the rows already done stay as they were.
+    later = root / "shard-later.parquet"
+    pq.write_table(pa.table({"key": ["unique-key"], "image": pa.array([ok_png], pa.binary())}), later)
+    again = run_sanitize(cfg)
+    table = read_output(LOCAL, str(tmp_path / "out"))
+    assert table.num_rows == again.rows_total == rows_in + 1 and again.retried == 1
+    rows = table.to_pylist()
+    twice = [r for r in rows if r["key"] == "unique-key"]
+    assert {r["shard"].rsplit("/", 1)[-1] for r in twice} == {"shard-zzz.parquet", "shard-later.parquet"}
+    assert all(r["error"] == "duplicate key (2 rows of the source have this key)" for r in twice), twice
+    assert {r["key"]: r["pred_purified"] for r in rows if r["key"] != "unique-key"} == \
+        {k: r["pred_purified"] for k, r in by_key.items() if k != "unique-key"}
+    # Once the key no longer repeats, its row gets a result; the key still in two shards stays as it was.
+    later.unlink()
+    fixed = run_sanitize(cfg)
+    table = read_output(LOCAL, str(tmp_path / "out"))
+    assert table.num_rows == fixed.rows_total == rows_in and fixed.retried == 2 and fixed.rows_this_run == 1
+    now = [r for r in table.to_pylist() if r["key"] == "unique-key"]
+    assert len(now) == 1 and now[0]["error"] is None and 0 <= now[0]["pred_purified"] < 10
+    assert Counter(table["key"].to_pylist())["dup-key"] == 2
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # 6. Untrusted artefacts and secrets.

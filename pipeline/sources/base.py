@@ -85,6 +85,7 @@ class SourceInfo:
     has_label: bool = False
     classes: list[str] = field(default_factory=list)
     id_column: str | None = None
+    duplicates: dict[str, int] | None = None  # repeated keys, once duplicate_keys has read them
 
 
 class SourceFormat(Protocol):

@@ -11,6 +11,7 @@ from ray.data.block import BlockAccessor
 from ray.data.checkpoint import CheckpointConfig
 from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
 
+from pipeline.requeue import DUPLICATE_KEY
 from pipeline.sources.base import WDS_ID_COLUMN, SourceError, SourceSpec, _filesystem
 from pipeline.sources.parquet import _fill_missing_keys
 from pipeline.sources.webdataset import _wds_sample_ids
@@ -104,6 +105,8 @@ def duplicate_keys(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> dict[
     info = inspect_source(spec, fs)
     if spec.format != "parquet" or not info.has_key:
         return {}
+    if info.duplicates is not None:  # resume and the plan both ask; the key column is read once
+        return info.duplicates
     import pyarrow.dataset as pads
 
     try:
@@ -120,6 +123,7 @@ def duplicate_keys(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> dict[
             f"{len(dups)} keys of column {spec.key_column!r} repeat under {describe(fs, info.root)}: it is not a "
             "key (set source.key_column to null for file:row keys)"
         )
+    info.duplicates = dups
     return dups
 
 
@@ -129,8 +133,8 @@ def mark_duplicate_keys(table: pa.Table, counts: dict[str, int]) -> pa.Table:
     becomes an error row. All of them are kept (rows out == rows in), none is preferred: which one is "first"
     depends on read order, and a key that names two images cannot tie a result to one of them. Resume, keyed on
     the same ids, treats them alike too."""
-    errors = [None if k is None or k not in counts else f"duplicate key ({counts[k]} rows of the source have this key)"
-              for k in table["key"].to_pylist()]
+    errors = [None if k is None or k not in counts
+              else f"{DUPLICATE_KEY} ({counts[k]} rows of the source have this key)" for k in table["key"].to_pylist()]
     if "error" in table.column_names:  # a reason the read already found comes first
         errors = [old or new for old, new in zip(table["error"].to_pylist(), errors, strict=True)]
         table = table.drop_columns(["error"])
