@@ -190,6 +190,23 @@ def test_sampdetox_noise_map_high_on_a_changed_patch_low_elsewhere(model):
     assert lv.max() <= 120
 
 
+def test_sampdetox_map_is_rescaled_per_image_by_its_own_min_and_max(model):
+    # The public code's S_hat = (S - min S) / (max S - min S): the most-changed pixel of every image joins at t2,
+    # however little the first pass changed it; clipping only (repair's choice) leaves a faint change faint.
+    x = torch.full((3, 1, 16, 16), -0.5)
+    x_bar = x.clone()
+    x_bar[0, :, 4:8, 4:8] += 0.05  # a faint change
+    x_bar[1, :, 4:8, 4:8] += 1.0  # a strong one
+    minmax = SampDetox(model, t1=20, t2=120).noise_levels(x, x_bar)
+    clipped = SampDetox(model, t1=20, t2=120, ssim_norm="clip").noise_levels(x, x_bar)
+    assert minmax[0].max() == minmax[1].max() == 120 and minmax[0, 0, 0, 15] == 0
+    assert clipped[0].max() < 30 < clipped[1].max()
+    assert minmax[2].max() == clipped[2].max() == 0  # nothing changed: no strong noise (not a division by zero)
+    assert LocalRepair(model).ssim_norm == "clip"
+    with pytest.raises(ValueError, match="ssim_norm"):
+        SampDetox(model, ssim_norm="zscore")
+
+
 class FixedMap(LocalRepair):
     """LocalRepair with a given level map, to check what stage 2 does with it independently of stage 1."""
 
@@ -416,6 +433,10 @@ def test_bad_input_raises_clear_errors(model):
         p(np.zeros((1, 1, 16, 16), np.int32), ["a"])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         p(np.full((1, 1, 16, 16), 3.0, np.float32), ["a"])
+    nan = np.full((2, 1, 16, 16), 0.5, np.float32)
+    nan[0, 0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        p(nan, ["a", "b"])
     with pytest.raises(ValueError, match="channel"):
         p(np.zeros((1, 3, 16, 16), np.uint8), ["a"])
     with pytest.raises(ValueError, match="keys"):
@@ -647,3 +668,25 @@ def test_measured_gate_is_a_quantile_of_the_black_box_own_answers(model):
     assert not again.needs_calibration and again.original_below == pytest.approx(thr)
     with pytest.raises(ValueError, match="original_quantile"):
         build_purifier("cascade", model, {"original_quantile": 1.5})
+
+
+def test_methods_refuse_what_they_cannot_do_instead_of_doing_nothing(model, tmp_path):
+    # ZIP's 'gray' on a one-channel model is A = I: the projection would copy the whole input, trigger included.
+    with pytest.raises(ValueError, match="identity"):
+        ZIP(model, degradation="gray")
+    ZIP(model, degradation="gray+pool2")  # beside another operator it is harmless
+    ZIP(tiny_model(channels=3), degradation="gray")
+    # A model that predicts something other than the noise would be read as noise by every purifier.
+    from pipeline.purify.models import load_model
+
+    folder = tmp_path / "v-model"
+    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                layers_per_block=1).save_pretrained(folder / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction").save_pretrained(folder / "scheduler")
+    with pytest.raises(ValueError, match="v_prediction"):
+        load_model(str(folder), "cpu")
+    # A vote of fewer passes than the default ballots, built directly, gets as many ballots as passes.
+    assert Cascade(SDEdit(model, t_start=50, steps=2), k=1).original_votes == 1
+    assert Cascade(SDEdit(model, t_start=50, steps=2), k=2).original_votes == 2
+    assert build_purifier("cascade", model, {"k": 2, "base": "sdedit"}).original_votes == 2

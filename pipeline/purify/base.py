@@ -33,6 +33,8 @@ def as_model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> t
     if not x.is_floating_point():
         raise TypeError(f"images must be uint8 or float, got {x.dtype}")
     x = x.to(device=device, dtype=torch.float32)
+    if x.numel() and not torch.isfinite(x).all():  # a NaN passes both range comparisons and would come out black
+        raise ValueError("float images must be finite (got NaN or inf)")
     if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
         raise ValueError("float images must be scaled to [0, 1] (got values outside)")
     return x * 2 - 1

@@ -307,7 +307,7 @@ class Cascade:
     name = "cascade"
 
     def __init__(self, base: Purifier, k: int = DEFAULTS["k"], escalate: str = DEFAULTS["escalate"],
-                 original_votes: int = DEFAULTS["original_votes"],
+                 original_votes: int | None = None,
                  original_below: float | None = DEFAULTS["original_below"],
                  original_quantile: float | None = None,
                  calibration_rows: int = DEFAULTS["calibration_rows"],
@@ -316,6 +316,8 @@ class Cascade:
             raise ValueError(f"k must be in [1, {K_MAX}], got {k}")
         if escalate not in ESCALATE:
             raise ValueError(f"escalate must be one of {ESCALATE}, got {escalate!r}")
+        if original_votes is None:  # a vote of fewer passes than the default ballots gets as many ballots as passes
+            original_votes = min(DEFAULTS["original_votes"], int(k))
         if not 0 <= int(original_votes) <= k:
             raise ValueError(f"original_votes must be in [0, k={k}], got {original_votes}")
         if original_quantile is not None and not 0.0 < float(original_quantile) < 1.0:

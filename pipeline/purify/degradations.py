@@ -100,6 +100,11 @@ class Gray(Degradation):
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return y  # broadcasts against (N, C, H, W) in the projection; expanded explicitly below when needed
 
+    def check(self, channels: int, size: int) -> None:
+        if channels == 1:  # A = I: the range-space step would copy the whole input, trigger included, back
+            raise ValueError("degradation 'gray' on a one-channel model is the identity: ZIP would restore nothing "
+                             "(use poolK or blurSIGMA, or compose them with gray for RGB models)")
+
 
 @dataclass
 class Compose(Degradation):
@@ -123,7 +128,10 @@ class Compose(Degradation):
 
     def check(self, channels: int, size: int) -> None:
         for op in self.ops:
-            op.check(channels, size)
+            if not (isinstance(op, Gray) and channels == 1):  # the identity here, harmless beside another operator
+                op.check(channels, size)
+        if all(isinstance(op, Gray) for op in self.ops):
+            Gray().check(channels, size)
 
 
 def parse_degradation(spec: str) -> Degradation:

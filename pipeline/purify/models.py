@@ -124,7 +124,13 @@ def load_model(name_or_path: str = "fmnist-tiny", device: str | torch.device = "
         sched = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
     except OSError:
         sched = DDPMScheduler.from_pretrained(source)
+    prediction = sched.config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":  # every purifier reads the UNet's output as noise; anything else would be garbage
+        raise ValueError(f"diffusion model {name_or_path!r} predicts {prediction!r}; the purifiers need a "
+                         "noise-predicting ('epsilon') model")
     unet.eval().requires_grad_(False)
+    if torch.device(device).type == "cuda":
+        deterministic_cuda()
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     return DiffusionModel(
@@ -136,6 +142,16 @@ def load_model(name_or_path: str = "fmnist-tiny", device: str | torch.device = "
         black_level=preset.black_level if preset else 0.0,
         veil_share=preset.veil_share if preset else 0.0,
     )
+
+
+def deterministic_cuda() -> None:
+    """Purification promises the same image for the same key and seed: on CUDA that rules out cuDNN's autotuner
+    (it picks convolution algorithms by timing, so two runs may differ) and TF32, which rounds float32 convolutions
+    and matmuls to 10 mantissa bits. float16 / bfloat16 (`model.dtype`) are the settings for speed."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def build_unet(image_size: int = 28, channels: int = 1, width: int = 32) -> UNet2DModel:

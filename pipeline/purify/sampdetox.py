@@ -1,11 +1,13 @@
 """SampDetox (Yang et al., "SampDetox: Black-box Backdoor Defense via Perturbation-based Sample Detoxification",
 NeurIPS 2024): a weak global noise-and-denoise pass, then strong *local* noise where the SSIM map (Wang et al., IEEE
 TIP 2004; see ssim.py) says the first pass changed the image, denoised again with each pixel joining the reverse
-process at its own level floor((1 - S) t2).
+process at its own level floor((1 - S_hat) t2), S_hat the map rescaled per image to [0, 1] by its own minimum
+and maximum (as the public code does), so that the most-changed pixel of every image joins at t2.
 
 Defaults are the paper's (t1 = 20, t2 = 120, full DDPM steps, on the model's own schedule). Departures from the
 public code, on purpose: noise is drawn per image (seeded by key), stage 2 is vectorised with masks (no per-pixel
-loop), SSIM uses the data range of the [-1, 1] inputs, and `steps1` / `steps2` allow DDIM-style striding. Images
+loop), SSIM uses the data range of the [-1, 1] inputs (a flat map, where the first pass changed nothing anywhere,
+asks for no strong noise instead of dividing by zero), and `steps1` / `steps2` allow DDIM-style striding. Images
 whose map asks for no strong noise skip the UNet in stage 2, so NFE is counted per image.
 
 `LocalRepair` ("repair") is our variant for high-visibility triggers, which the paper's weak first pass never
@@ -40,6 +42,9 @@ from pipeline.purify.ssim import ssim_map
 
 STARTS = ("detoxed", "input")
 PINS = ("wait", "renoise")
+# How the SSIM map becomes S_hat in [0, 1]: rescaled per image by its own min and max (the paper's code), or only
+# clipped, so that an image the first pass barely changed gets little strong noise anywhere (ours, for `repair`).
+SSIM_NORMS = ("minmax", "clip")
 
 
 class SampDetox(Purifier):
@@ -47,7 +52,7 @@ class SampDetox(Purifier):
 
     def __init__(self, model: DiffusionModel, t1: int = 20, t2: int = 120, steps1: int | None = None,
                  steps2: int | None = None, eta: float = 1.0, ssim_sigma: float = 1.5, start: str = "detoxed",
-                 pin: str = "wait", **kw: Any) -> None:
+                 pin: str = "wait", ssim_norm: str = "minmax", **kw: Any) -> None:
         super().__init__(model, **kw)
         T = model.num_train_timesteps
         if not (1 <= t1 <= T and 1 <= t2 <= T):
@@ -56,6 +61,9 @@ class SampDetox(Purifier):
             raise ValueError(f"start must be one of {STARTS}, got {start!r}")
         if pin not in PINS:
             raise ValueError(f"pin must be one of {PINS}, got {pin!r}")
+        if ssim_norm not in SSIM_NORMS:
+            raise ValueError(f"ssim_norm must be one of {SSIM_NORMS}, got {ssim_norm!r}")
+        self.ssim_norm = ssim_norm
         self.t1, self.t2 = int(t1), int(t2)
         self.steps1 = int(steps1 or t1)
         self.steps2 = int(steps2 or t2)
@@ -66,16 +74,21 @@ class SampDetox(Purifier):
 
     def method_params(self) -> dict[str, Any]:
         return {"t1": self.t1, "t2": self.t2, "steps1": self.steps1, "steps2": self.steps2, "eta": self.eta,
-                "start": self.start, "pin": self.pin}
+                "start": self.start, "pin": self.pin, "ssim_norm": self.ssim_norm}
 
     @property
     def nominal_nfe(self) -> float:
         return float(self.steps1 + self.steps2)
 
     def noise_levels(self, x: torch.Tensor, x_bar: torch.Tensor) -> torch.Tensor:
-        """Per-pixel target state floor((1 - S_hat) * t2), S_hat = SSIM clipped to [0, 1]: (N, 1, H, W) int64."""
-        s = ssim_map(x, x_bar, data_range=2.0, sigma=self.ssim_sigma).clamp(0, 1)
-        return torch.floor((1 - s) * self.t2).long()
+        """Per-pixel target state floor((1 - S_hat) * t2), S_hat = the SSIM map normalised to [0, 1] per image
+        (`ssim_norm`): (N, 1, H, W) int64."""
+        s = ssim_map(x, x_bar, data_range=2.0, sigma=self.ssim_sigma)
+        if self.ssim_norm == "minmax":
+            lo = s.amin(dim=(1, 2, 3), keepdim=True)
+            span = s.amax(dim=(1, 2, 3), keepdim=True) - lo
+            s = torch.where(span > 1e-6, (s - lo) / span.clamp_min(1e-6), torch.ones_like(s))
+        return torch.floor((1 - s.clamp(0, 1)) * self.t2).long()
 
     @torch.no_grad()
     def _purify(self, x: torch.Tensor, keys: Sequence[str], seed: int) -> PurifyResult:
@@ -124,6 +137,6 @@ class LocalRepair(SampDetox):
 
     def __init__(self, model: DiffusionModel, t1: int = 400, t2: int = 500, steps1: int | None = 6,
                  steps2: int | None = 8, eta: float = 0.0, ssim_sigma: float = 1.5, start: str = "input",
-                 pin: str = "renoise", **kw: Any) -> None:
+                 pin: str = "renoise", ssim_norm: str = "clip", **kw: Any) -> None:
         super().__init__(model, t1=t1, t2=t2, steps1=steps1, steps2=steps2, eta=eta, ssim_sigma=ssim_sigma,
-                         start=start, pin=pin, **kw)
+                         start=start, pin=pin, ssim_norm=ssim_norm, **kw)
