@@ -814,9 +814,18 @@ def test_cluster_launcher_ami_driver_fits_the_torch_build() -> None:
         assert ami, f"{name}: no ImageId, Ray would pick its default (CUDA 11.2 era) AMI"
         assert ami in KNOWN_AMIS, f"{name}: {ami} is not an AMI whose driver this test knows"
         assert KNOWN_AMIS[ami] >= need, f"{name}: AMI driver {KNOWN_AMIS[ami]} < {need} that torch needs"
-    for t in config["available_node_types"].values():
+    # What each worker type runs, as Ray computes it: the global setup_commands + worker_setup_commands, unless the
+    # node type has worker_setup_commands of its own, which replace them (autoscaler `_get_node_type_specific_fields`).
+    from ray.autoscaler._private.util import prepare_config
+
+    prepared = prepare_config(copy(config))
+    for name, t in prepared["available_node_types"].items():
+        if name == prepared["head_node_type"]:
+            continue
+        runs = t.get("worker_setup_commands", prepared["worker_setup_commands"])
+        assert runs[:len(config["setup_commands"])] == config["setup_commands"], f"{name} skips the setup"
         if t["resources"].get("GPU", 0) >= 1:  # a GPU node whose torch sees no GPU must not join
-            check = " ".join(t.get("worker_setup_commands", []))
+            check = " ".join(runs[len(config["setup_commands"]):])
             assert "torch.cuda.is_available()" in check and "sys.exit" in check and "driver" in check
 
 
