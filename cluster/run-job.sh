@@ -7,7 +7,8 @@
 #   BBPURIFY_BLACKBOX_URI   the black box (unset: the config's blackbox.uri)
 #   S3_ENDPOINT_URL         read by the pipeline itself (unset or empty: AWS S3)
 # An audit writes under audits/RUN_ID/ (BBPURIFY_RUN_ID, else the UTC time), compares with audits/latest/report.json
-# and publishes its own report there for the next run. Arguments after the verb come last, so they win.
+# and, unless it raised an alert, publishes its own report there for the next run. Arguments after the verb come
+# last, so they win.
 set -eu
 if [ $# -lt 1 ]; then
   echo "usage: run-job.sh sanitize|audit [section.key=value ...]" >&2
@@ -30,7 +31,8 @@ case "$verb" in
     ;;
   audit)
     run_id="${BBPURIFY_RUN_ID:-$(date -u +%Y%m%d-%H%M%S)}"
-    set -- "source.uri=$data/shards/" "output.uri=$data/audits/$run_id/" \
+    # the local report folder too is the run's own: a long-lived head runs many audits
+    set -- --report "out/audit-report/$run_id" "source.uri=$data/shards/" "output.uri=$data/audits/$run_id/" \
       "audit.previous=$data/audits/latest/report.json" "audit.publish_latest=$data/audits/latest/report.json" "$@"
     ;;
   *)

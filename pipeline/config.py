@@ -120,7 +120,8 @@ class OutputConfig(_Section):
 class AuditConfig(_Section):
     report_uri: str | None = None  # where report.json/html go (default: <output.uri>/_report)
     previous: str | None = None  # an earlier report.json (local or s3://) for the trend
-    publish_latest: str | None = None  # also write report.json here, to be the next run's `previous`
+    # also write report.json here, to be the next run's `previous`; not on a run that raised an alert
+    publish_latest: str | None = None
     thresholds: Thresholds = Field(default_factory=Thresholds)  # known keys and ranges: pipeline/audit/thresholds.py
     sample: int | None = Field(default=None, ge=1, le=10**9)  # audit the first N images of the source
 

@@ -22,22 +22,30 @@ def test_audit_flags_the_backdoor_target_and_exits_nonzero_on_threshold(ray_loca
                      f"output.uri={tmp_path / 'audits' / f'run{n}'}", f"audit.previous={latest}",
                      f"audit.publish_latest={latest}", *CHEAP])
 
-    code = run(1, {"max_class_replaced_rate": 0.3})
-    report = json.loads((tmp_path / "report1" / "report.json").read_text())
-    assert report["rows"] == 120 and report["errors"] == 0
+    # A lenient threshold first: no alert, exit 0, no trend yet (nothing published before), published.
+    code = run(1, {"max_class_replaced_rate": 0.99})
+    first = json.loads((tmp_path / "report1" / "report.json").read_text())
+    assert first["rows"] == 120 and first["errors"] == 0
     # Half the images carry the trigger: the victim calls them class 0, purification sends them home.
-    assert report["most_replaced"][0]["class"] == 0
-    assert report["per_class"]["0"]["replaced_rate"] > 0.5
-    assert code == 3 and report["alerts"] and report["trend"] is None
-    assert "ALERT" in capsys.readouterr().out
-    html = (tmp_path / "report1" / "report.html").read_text()
-    assert "data:image/png;base64," in html
-    assert json.loads(latest.read_text())["generated_at"] == report["generated_at"]
+    assert first["most_replaced"][0]["class"] == 0
+    assert first["per_class"]["0"]["replaced_rate"] > 0.5
+    assert code == 0 and not first["alerts"] and first["trend"] is None
+    assert json.loads(latest.read_text())["generated_at"] == first["generated_at"]
 
-    # Same data, a lenient threshold: no alert, exit 0, and the trend against the published previous report.
-    code = run(2, {"max_class_replaced_rate": 0.99})
-    again = json.loads((tmp_path / "report2" / "report.json").read_text())
+    # The same data against a strict threshold: an alert, exit 3, the trend against the published report; and the
+    # alerting run does not replace the baseline (a lasting jump must not become the new normal after one alert).
+    code = run(2, {"max_class_replaced_rate": 0.3})
+    report = json.loads((tmp_path / "report2" / "report.json").read_text())
+    assert code == 3 and report["alerts"] and "ALERT" in capsys.readouterr().out
+    assert report["trend"]["previous_generated_at"] == first["generated_at"]
+    assert report["trend"]["flip_rate_delta"] == report["flip_rate"] - first["flip_rate"]
+    html = (tmp_path / "report2" / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    assert json.loads(latest.read_text())["generated_at"] == first["generated_at"]
+
+    # Lenient again: compared with the last run that raised nothing, then published.
+    code = run(3, {"max_class_replaced_rate": 0.99})
+    again = json.loads((tmp_path / "report3" / "report.json").read_text())
     assert code == 0 and not again["alerts"]
-    assert again["trend"]["previous_generated_at"] == report["generated_at"]
-    assert again["trend"]["flip_rate_delta"] == again["flip_rate"] - report["flip_rate"]
+    assert again["trend"]["previous_generated_at"] == first["generated_at"]
     assert json.loads(latest.read_text())["generated_at"] == again["generated_at"]

@@ -273,9 +273,10 @@ with open(os.environ["FAKE_ARGV"], "w") as f:
 '''
 
 
-def resolve_entrypoint(entrypoint: str, tmp_path: Path, env: dict[str, str]) -> tuple[str, list[str]]:
+def resolve_entrypoint(entrypoint: str, tmp_path: Path, env: dict[str, str]
+                       ) -> tuple[str, list[str], dict[str, str]]:
     """Run an entrypoint as the head would (through a shell, cluster/run-job.sh from this checkout, the config from
-    the ConfigMap), with a stand-in `python` that records its argv: -> (verb, overrides)."""
+    the ConfigMap), with a stand-in `python` that records its argv: -> (verb, overrides, --options)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "python"
@@ -292,7 +293,13 @@ def resolve_entrypoint(entrypoint: str, tmp_path: Path, env: dict[str, str]) -> 
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(argv_file.read_text())
     assert argv[:2] == ["-m", "pipeline"] and argv[3] == "--config" and argv[4] == str(config), argv
-    return argv[2], argv[5:]
+    rest, options, overrides = argv[5:], {}, []
+    while rest:
+        if rest[0].startswith("--"):
+            options[rest[0]], rest = rest[1], rest[2:]
+        else:
+            overrides.append(rest.pop(0))
+    return argv[2], overrides, options
 
 
 def configmap_file(mount_path: str) -> str:
@@ -469,7 +476,7 @@ def test_rayjob_sanitize(tmp_path: Path) -> None:
     assert spec["ttlSecondsAfterFinished"] >= 0 and spec["activeDeadlineSeconds"] > 0
     assert spec["backoffLimit"] >= 1, "retries are what checkpointed resume is for"
     settings = kustomize_settings()
-    verb, overrides = resolve_entrypoint(spec["entrypoint"], tmp_path, settings)
+    verb, overrides, _ = resolve_entrypoint(spec["entrypoint"], tmp_path, settings)
     assert verb == "sanitize"
     cfg = load_config(tmp_path / "cluster.yaml", overrides)
     data = settings["BBPURIFY_DATA"].rstrip("/")
@@ -480,7 +487,7 @@ def test_rayjob_sanitize(tmp_path: Path) -> None:
 
 def test_run_job_defaults_are_the_config_and_bad_input_is_refused(tmp_path: Path) -> None:
     """Without settings (the Ray cluster launcher, a plain `kubectl apply -f`) the config's own values apply."""
-    _, overrides = resolve_entrypoint(f"sh {RUN_JOB} sanitize", tmp_path, {})
+    _, overrides, _ = resolve_entrypoint(f"sh {RUN_JOB} sanitize", tmp_path, {})
     cfg = load_config(tmp_path / "cluster.yaml", overrides)
     plain = load_config(CONFIGS / "cluster.yaml")
     assert (cfg.source.uri, cfg.output.uri, cfg.blackbox.uri) == (plain.source.uri, plain.output.uri,
@@ -524,7 +531,7 @@ def _entrypoint_configs(tmp_path: Path) -> list[tuple[str, Any, dict]]:
         sub = tmp_path / f"job{i}"
         sub.mkdir()
         entry = re.sub(r"\$\(date[^)]*\)", RUN_ID, spec["entrypoint"])
-        _, overrides = resolve_entrypoint(entry, sub, settings)
+        _, overrides, _ = resolve_entrypoint(entry, sub, settings)
         out.append((where, load_config(sub / "cluster.yaml", overrides), spec["rayClusterSpec"]))
     # The long-lived RayCluster runs what README section 5 submits: the sanitize job as configured.
     for where, spec in [(w, s) for w, s in ray_cluster_specs() if w == "raycluster.yaml"]:
@@ -572,8 +579,11 @@ def test_scheduled_audit_has_thresholds_and_a_trend(where: str, tmp_path: Path) 
     spec = dict(rayjob_specs())[where]
     assert spec["backoffLimit"] == 0
     settings = kustomize_settings()
-    verb, overrides = resolve_entrypoint(spec["entrypoint"], tmp_path, {**settings, "BBPURIFY_RUN_ID": RUN_ID})
+    verb, overrides, options = resolve_entrypoint(spec["entrypoint"], tmp_path,
+                                                  {**settings, "BBPURIFY_RUN_ID": RUN_ID})
     assert verb == "audit"
+    # a long-lived head runs many audits: each its own local report folder (the audit refuses one in use)
+    assert options == {"--report": f"out/audit-report/{RUN_ID}"}
     cfg = load_config(tmp_path / "cluster.yaml", overrides)
     thresholds = parse_thresholds(cfg.audit.thresholds).as_dict()
     assert {"max_class_replaced_rate", "max_error_rate", "min_rows", "max_flip_rate_increase"} <= set(thresholds)

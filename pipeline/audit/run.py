@@ -111,7 +111,11 @@ def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | No
     remote = a.report_uri or (cfg.output.uri.rstrip("/") + "/_report" if "://" in cfg.output.uri else None)
     if remote:
         _write(remote, cfg.output.endpoint_url, files)
-    if a.publish_latest:
+    if a.publish_latest and report["alerts"]:
+        # An alerting run does not become the baseline: a lasting jump would alert once, then be the new normal.
+        log.warning("this audit raised alerts: %s is kept as the baseline; to accept this run as the new one, copy "
+                    "its report.json there", a.publish_latest)
+    elif a.publish_latest:
         # The one file an audit overwrites on purpose: the user named it as the next run's `previous`.
         fs, path = resolve_filesystem(absolute_uri(a.publish_latest), cfg.output.endpoint_url)
         if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders to create
