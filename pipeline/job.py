@@ -206,9 +206,10 @@ def cluster_demand(cfg: JobConfig):
     return plan_demand(cfg, total.get("GPU", 0) > 0, total.get("CPU", 0.0))
 
 
-def ensure_placeable(cfg: JobConfig) -> None:
+def ensure_placeable(cfg: JobConfig) -> bool:
     """Fail fast when the plan can never be placed: on the nodes alive now or, with `resources.wait_for_nodes_s`,
-    on what an autoscaler adds within that time (asked for through `request_resources`)."""
+    on what an autoscaler adds within that time (asked for through `request_resources`). Returns whether it asked:
+    the request stands until withdrawn (`withdraw_resource_request`), keeping its nodes up after the job."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
@@ -224,9 +225,11 @@ def ensure_placeable(cfg: JobConfig) -> None:
     while True:
         try:
             check_placement(demand, alive(), min_purifiers=need, task_cpus=task_cpus)
-            return
+            return asked
         except PlacementError:
             if time.monotonic() >= deadline:
+                if asked:
+                    withdraw_resource_request()
                 raise
             if not asked:
                 request_resources(bundles=demand_bundles(demand, need, task_cpus))
@@ -234,6 +237,18 @@ def ensure_placeable(cfg: JobConfig) -> None:
                 log.info("waiting up to %.0f s for the autoscaler to add: %s", cfg.resources.wait_for_nodes_s,
                          demand.describe())
             time.sleep(2.0)
+
+
+def withdraw_resource_request() -> None:
+    """Ray keeps an autoscaler request until another replaces it: an empty one lets idle nodes go (idle timeouts)
+    on a long-lived cluster once the job is over."""
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=[])
+    except Exception as e:  # noqa: BLE001 - the job's own outcome matters more; the log says what to do
+        log.warning("could not withdraw the autoscaler request (%s): on a long-lived cluster its nodes stay up "
+                    "until the next job's request replaces it", e)
 
 
 def start_blackbox(cfg: JobConfig) -> ServiceHandle:
@@ -374,14 +389,22 @@ def _storage_failure(err: OSError, source: str, output: str, resumable: bool) ->
 
 def run_sanitize(cfg: JobConfig) -> Summary:
     """Validate, build the plan, stream it to Parquet, and summarise what the output now holds."""
+    pre = preflight(cfg)
+    init_ray(cfg)
+    asked = ensure_placeable(cfg)
+    try:
+        return _sanitize(cfg, pre)
+    finally:
+        if asked:
+            withdraw_resource_request()
+
+
+def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
     import ray
     from ray.data import DataContext
 
-    pre = preflight(cfg)
     spec, fs_in, fs_out, out_path = pre.spec, pre.fs_in, pre.fs_out, pre.out_path
     size, channels = pre.image_size, pre.channels
-    init_ray(cfg)
-    ensure_placeable(cfg)
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # one line of our own instead (pipeline/progress.py)

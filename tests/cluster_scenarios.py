@@ -140,8 +140,14 @@ def late_gpu(work: Path) -> dict:
     time.sleep(4)
     cluster.add_node(num_cpus=2, num_gpus=1)  # from the main thread: Ray's node start needs it
     t.join(timeout=300)
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    # what the job asked the autoscaler for, as it stands after the job (v1 autoscaler: a JSON list in the GCS KV)
+    standing = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
     facts = {"expected": sorted(src.expected), "keys": keys_in(work / "out"), "errors": errors_in(work / "out"),
-             "seconds": time.monotonic() - t0, **result}
+             "seconds": time.monotonic() - t0, "standing_request": None if standing is None else json.loads(standing),
+             **result}
     ray.shutdown()
     cluster.shutdown()
     return facts

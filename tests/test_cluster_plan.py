@@ -65,6 +65,10 @@ def test_preflight_waits_for_the_autoscaler_when_told_to(tmp_path):
     assert "error" not in f, f["error"]
     assert sorted(f["keys"]) == f["expected"] and f["errors"] == 0
     assert f["seconds"] >= 4, "the job cannot have run before its GPU node joined"
+    # No autoscaler request outlives the job: on a long-lived cluster it would keep the GPU node up. (While the plan
+    # runs, Ray Data's own requests replace preflight's; the job withdraws preflight's itself for a run that ends
+    # before its plan starts.)
+    assert f["standing_request"] == [], f["standing_request"]
 
 
 # -- the black-box service: job-wide limits ---------------------------------------------------------------------
