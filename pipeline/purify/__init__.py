@@ -49,7 +49,6 @@ def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | 
         base = params.pop("base", CASCADE_DEFAULTS["base"])
         k = params.pop("k", CASCADE_DEFAULTS["k"])
         escalate = params.pop("escalate", CASCADE_DEFAULTS["escalate"])
-        # a vote of fewer passes than the default ballots gets as many ballots as passes unless told otherwise
         original_votes = params.pop("original_votes", None)  # None: Cascade's default, at most k
         original_support = params.pop("original_support", CASCADE_DEFAULTS["original_support"])
         original_quantile, original_below, calibration_rows = gate_params(params)

@@ -30,6 +30,10 @@ class Degradation:
     def check(self, channels: int, size: int) -> None:
         """Raise a clear error when the operator cannot act on images of this shape."""
 
+    def is_identity(self, channels: int) -> bool:
+        """A = I on images of this many channels: the range-space step would copy the whole input back."""
+        return False
+
 
 @dataclass
 class Pool(Degradation):
@@ -100,10 +104,8 @@ class Gray(Degradation):
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return y  # broadcasts against (N, C, H, W) in the projection; expanded explicitly below when needed
 
-    def check(self, channels: int, size: int) -> None:
-        if channels == 1:  # A = I: the range-space step would copy the whole input, trigger included, back
-            raise ValueError("degradation 'gray' on a one-channel model is the identity: ZIP would restore nothing "
-                             "(use poolK or blurSIGMA, or compose them with gray for RGB models)")
+    def is_identity(self, channels: int) -> bool:
+        return channels == 1
 
 
 @dataclass
@@ -128,10 +130,10 @@ class Compose(Degradation):
 
     def check(self, channels: int, size: int) -> None:
         for op in self.ops:
-            if not (isinstance(op, Gray) and channels == 1):  # the identity here, harmless beside another operator
-                op.check(channels, size)
-        if all(isinstance(op, Gray) for op in self.ops):
-            Gray().check(channels, size)
+            op.check(channels, size)
+
+    def is_identity(self, channels: int) -> bool:
+        return all(op.is_identity(channels) for op in self.ops)
 
 
 def parse_degradation(spec: str) -> Degradation:

@@ -34,6 +34,9 @@ class ZIP(Purifier):
         state_grid(t_start, steps)
         self.op: Degradation = parse_degradation(degradation)
         self.op.check(model.channels, model.image_size)
+        if self.op.is_identity(model.channels):  # the projection would copy the whole input, trigger included, back
+            raise ValueError(f"degradation {degradation!r} is the identity on a {model.channels}-channel model: ZIP "
+                             "would restore nothing (use poolK or blurSIGMA)")
         self.degradation, self.combine = degradation, combine
         self.t_start, self.steps, self.eta = int(t_start), int(steps), float(eta)
 
