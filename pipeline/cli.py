@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("audit", help="audit a dataset/black box: flip rates, replaced classes, HTML + JSON report")
     p.add_argument("--report", help="local report folder (default out/audit-report)")
     p.add_argument("--previous", help="previous report.json for the trend")
-    p.add_argument("--sample", type=int, help="audit a sample of N images")
+    p.add_argument("--sample", type=int, 
+                   help="audit about N images: a stable sample of the whole source, the same rows every run")
     p.add_argument("--thresholds", help='JSON, e.g. {"max_class_replaced_rate": 0.3}; crossing one exits 3')
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output.uri / report folder that already holds data (refused otherwise)")
@@ -116,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.zoo import main as zoo_main
 
         return zoo_main(argv[1:])
-    args = ap.parse_args(argv)
+    # Overrides may sit on both sides of an option (`a.b=1 --sample 60 c.d=2`): argparse takes the first run as the
+    # positionals and leaves the second over; intermixed parsing does not work with subcommands.
+    args, rest = ap.parse_known_args(argv)
+    stray = [r for r in rest if r.startswith("-") or "=" not in r]
+    if stray or (rest and not hasattr(args, "overrides")):
+        ap.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

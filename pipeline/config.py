@@ -36,6 +36,11 @@ class SourceConfig(_Section):
     key_column: str | None = "key"  # null: file:row keys
     label_column: str | None = "label"  # null: the source has no labels
     endpoint_url: str | None = None  # S3-compatible store; else env S3_ENDPOINT_URL / AWS chain
+    # A stable sample: the rows whose key hashes below the fraction, the same ones every run and in every shard (a
+    # grown source adds its new rows at the same rate); another seed draws another sample.
+    sample_fraction: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    sample_seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    # At most this many rows (after the sample); which ones depends on the order reads finish in.
     limit: int | None = Field(default=None, ge=1, le=10**12)
     decode_policy: Literal["resize", "pad", "reject"] = "resize"
     max_image_bytes: int = Field(default=20_000_000, ge=1, le=1 << 30)
@@ -123,7 +128,9 @@ class AuditConfig(_Section):
     # also write report.json here, to be the next run's `previous`; not on a run that raised an alert
     publish_latest: str | None = None
     thresholds: Thresholds = Field(default_factory=Thresholds)  # known keys and ranges: pipeline/audit/thresholds.py
-    sample: int | None = Field(default=None, ge=1, le=10**9)  # audit the first N images of the source
+    # About N images, drawn as source.sample_fraction = N / the source's rows (Parquet, image folders: counted up
+    # front), so every run audits the same rows; a WebDataset source, which cannot be counted, needs the fraction.
+    sample: int | None = Field(default=None, ge=1, le=10**9)
 
 
 class JobConfig(_Section):

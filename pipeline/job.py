@@ -43,6 +43,7 @@ from pipeline.sources import (
     inspect_source,
     mark_duplicate_keys,
     read_source,
+    row_count,
 )
 from pipeline.stages import PurifyStage
 from pipeline.storage import StorageError, check_writable, describe, redact_userinfo, resolve_filesystem, uri_path
@@ -149,12 +150,17 @@ def check_model_elsewhere(cfg: JobConfig) -> tuple[int, int]:
         return pool.submit(check_model, cfg.model.name, cfg.purify.method, dict(cfg.purify.params)).result()
 
 
+def source_spec(cfg: JobConfig) -> SourceSpec:
+    s = cfg.source
+    return SourceSpec(uri=absolute_uri(s.uri), format=s.format, image_column=s.image_column,
+                      key_column=s.key_column, label_column=s.label_column, endpoint_url=s.endpoint_url,
+                      limit=s.limit, sample_fraction=s.sample_fraction, sample_seed=s.sample_seed,
+                      max_image_bytes=s.max_image_bytes)
+
+
 def preflight(cfg: JobConfig) -> Preflight:
     """Everything that can be wrong before any work starts: source, destination, black box, model, method."""
-    s = cfg.source
-    spec = SourceSpec(uri=absolute_uri(s.uri), format=s.format, image_column=s.image_column,
-                      key_column=s.key_column, label_column=s.label_column, endpoint_url=s.endpoint_url,
-                      limit=s.limit, max_image_bytes=s.max_image_bytes)
+    spec = source_spec(cfg)
     fs_in, _ = resolve_filesystem(spec.uri, spec.endpoint_url)
     info = inspect_source(spec, fs_in)
     out_uri = absolute_uri(cfg.output.uri)
@@ -172,21 +178,13 @@ def preflight(cfg: JobConfig) -> Preflight:
     return Preflight(spec, fs_in, fs_out, out_path, info.id_column, size, channels)
 
 
-FOOTERS_FOR_TOTAL = 2000  # read at most this many Parquet footers to know the job's size up front
-
-
 def source_rows(pre: Preflight) -> int | None:
-    """How many rows the source holds, where that is cheap to know (Parquet footers); None elsewhere."""
-    import pyarrow.parquet as pq
-
-    if pre.spec.format != "parquet":
+    """How many rows this job reads, where that is known up front (see `row_count`); None when a sample makes it a
+    draw."""
+    if pre.spec.sample_fraction is not None and pre.spec.sample_fraction < 1:
         return None
-    shards = inspect_source(pre.spec, pre.fs_in).shards
-    if len(shards) > FOOTERS_FOR_TOTAL:
-        return None
-    try:
-        total = sum(pq.read_metadata(path, filesystem=pre.fs_in).num_rows for path in shards)
-    except (OSError, ValueError):
+    total = row_count(pre.spec, pre.fs_in)
+    if total is None:
         return None
     return min(total, pre.spec.limit) if pre.spec.limit else total
 

@@ -10,14 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
 from pipeline.audit import THRESHOLD_KEYS, ThresholdError, Thresholds, build_report, parse_thresholds
-from pipeline.audit.run import AuditError, run_audit
+from pipeline.audit.run import AuditError, draw_sample, run_audit
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.storage import StorageError
+from tests.plugins.s3 import make_fmnist_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,17 +73,58 @@ def test_existing_output_is_refused_not_deleted(tmp_path: Path, capsys: pytest.C
     with pytest.raises(AuditError, match="already holds data"):
         run_audit(_cfg(tmp_path, out), tmp_path / "report")
     _untouched(out)
-    # The CLI's default output (no --config) is out/demo/sanitized, the demo's sanitize output: same refusal.
+    # Even with overwrite, a source that cannot be read fails before the output is cleared.
+    with pytest.raises(StorageError):
+        run_audit(_cfg(tmp_path, out), tmp_path / "report", overwrite=True)
+    _untouched(out)
+    # The CLI's default output (no --config) is out/demo/sanitized, the demo's sanitize output: same refusal; the
+    # overrides may sit on both sides of an option.
     code = main(["audit", "--report", str(tmp_path / "report"), f"source.uri={tmp_path / 'none'}",
-                 f"output.uri={out}"])
+                 "--sample", "5", f"output.uri={out}"])
     assert code == 2 and "already holds data" in capsys.readouterr().err
     _untouched(out)
+    with pytest.raises(SystemExit) as stray:  # what is neither an option nor section.key=value is still refused
+        main(["audit", f"output.uri={out}", "--sample", "5", "bogus"])
+    assert stray.value.code == 2 and "unrecognized arguments: bogus" in capsys.readouterr().err
     # An existing report is somebody's earlier audit: refused too.
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "report.json").write_text("{}")
     with pytest.raises(AuditError, match="report.json"):
         run_audit(_cfg(tmp_path, tmp_path / "fresh"), tmp_path / "report")
     assert (tmp_path / "report" / "report.json").read_text() == "{}"
+
+
+def test_audit_sample_becomes_a_fraction_of_the_whole_source(tmp_path: Path) -> None:
+    """`audit.sample: N` is drawn as a hash sample of N / rows over every shard, not as the first N rows read."""
+    fs = pafs.LocalFileSystem()
+    parquet = make_fmnist_shards(fs, str(tmp_path / "pq"), 3, 20, "parquet")
+    cfg = _cfg(tmp_path, tmp_path / "out", f"source.uri={parquet.uri}")
+    assert cfg.audit.sample == 500 and cfg.source.limit is None  # the shipped audit config samples this way
+    drawn = draw_sample(cfg, 15)
+    assert cfg.source.sample_fraction == drawn["fraction"] == 15 / 60 and cfg.source.limit is None
+    assert drawn == {"rows_asked": 15, "source_rows": 60, "fraction": 0.25, "seed": 0, "limit": None}
+    draw_sample(cfg := _cfg(tmp_path, tmp_path / "out", f"source.uri={parquet.uri}"), 500)
+    assert cfg.source.sample_fraction == 1.0  # more than the source holds: all of it
+
+    folder = make_fmnist_shards(fs, str(tmp_path / "img"), 2, 10, "imagefolder")
+    cfg = _cfg(tmp_path, tmp_path / "out", f"source.uri={folder.uri}", "source.format=imagefolder")
+    assert draw_sample(cfg, 5)["source_rows"] == 20 and cfg.source.sample_fraction == 0.25
+
+    # A fraction named in the config is kept; the sample caps it.
+    cfg = _cfg(tmp_path, tmp_path / "out", f"source.uri={parquet.uri}", "source.sample_fraction=0.5",
+               "source.sample_seed=7")
+    assert draw_sample(cfg, 10) == {"rows_asked": 10, "source_rows": None, "fraction": 0.5, "seed": 7, "limit": 10}
+
+    # WebDataset cannot be counted without reading every tar: the audit asks for the fraction before any work.
+    tars = make_fmnist_shards(fs, str(tmp_path / "wds"), 2, 5, "webdataset")
+    wds = [f"source.uri={tars.uri}", "source.format=webdataset"]
+    with pytest.raises(AuditError, match="source.sample_fraction"):
+        run_audit(_cfg(tmp_path, tmp_path / "out", *wds), tmp_path / "report")
+    assert not (tmp_path / "out").exists()
+    cfg = _cfg(tmp_path, tmp_path / "out", *wds, "source.sample_fraction=0.3")
+    assert draw_sample(cfg, None)["fraction"] == 0.3 and cfg.source.limit is None
+    with pytest.raises(AuditError, match="at least 1"):
+        draw_sample(_cfg(tmp_path, tmp_path / "out", f"source.uri={parquet.uri}"), -3)
 
 
 @pytest.mark.parametrize("content,match", [

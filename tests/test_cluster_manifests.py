@@ -592,7 +592,7 @@ def test_scheduled_audit_has_thresholds_and_a_trend(where: str, tmp_path: Path) 
     latest = f"{data}/audits/latest/report.json"
     assert cfg.audit.previous == cfg.audit.publish_latest == latest
     assert not latest.startswith(cfg.output.uri)
-    assert cfg.source.limit and cfg.source.uri == f"{data}/shards/"
+    assert cfg.audit.sample and cfg.source.uri == f"{data}/shards/"
     # run_audit turns these on whatever the config says; the entrypoint need not.
     assert cfg.resources.max_purify_actors == 2
 
@@ -923,7 +923,7 @@ def test_job_config_contents() -> None:
     assert cluster.blackbox.auth_env == "BB_TOKEN"
 
     audit = load_config(CONFIGS / "audit.yaml")
-    assert audit.output.keep_original is True and audit.source.limit
+    assert audit.output.keep_original is True and audit.audit.sample
 
     from pipeline.blackbox.v2 import parse_v2_uri  # the URIs must parse the way the client will parse them
 

@@ -28,9 +28,11 @@ from pipeline.sources import (
     SourceSpec,
     checkpoint_config,
     id_column,
+    in_sample,
     inspect_source,
     list_shards,
     read_source,
+    row_count,
 )
 from pipeline.storage import StorageError, check_readable, check_writable, describe, resolve_filesystem
 from tests.plugins.s3 import make_fmnist_shards
@@ -93,6 +95,38 @@ def test_parquet_without_key_and_label_columns(ray_local, tmp_path):
     assert sorted(r["key"] for r in rows) == sorted(shards.expected)  # "shard-00000.parquet:<row>"
     assert {r["label"] for r in rows} == {-1}
     assert len({r["row_hash"] for r in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset", "imagefolder"])
+def test_sample_is_the_same_rows_whatever_the_read(ray_local, tmp_path, fmt):
+    """A sample is decided by each row's key: the rows every key predicts, in every shard, at any parallelism."""
+    shards = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), 4, 25, fmt)
+    counted = row_count(SourceSpec(uri=shards.uri, format=fmt), list_images=True)
+    assert counted == (None if fmt == "webdataset" else 100)
+    want = {k for k in shards.expected if in_sample(k, 0.3, seed=5)}
+    assert 15 <= len(want) <= 45
+    spec = SourceSpec(uri=shards.uri, format=fmt, sample_fraction=0.3, sample_seed=5)
+    keys = [r["key"] for r in _rows(read_source(spec))]
+    assert sorted(keys) == sorted(want)
+    if fmt != "imagefolder":  # (an image folder's shards are its files)
+        assert len({r["shard"] for r in _rows(read_source(spec))}) == 4, "spread over every shard"
+    other = {r["key"] for r in _rows(read_source(SourceSpec(uri=shards.uri, format=fmt, sample_fraction=0.3)))}
+    assert other != want, "another seed draws another sample"
+    capped = _rows(read_source(SourceSpec(uri=shards.uri, format=fmt, sample_fraction=0.3, sample_seed=5, limit=6)))
+    assert len(capped) == 6 and {r["key"] for r in capped} <= want
+
+
+def test_sample_draw_is_nested_and_at_its_rate() -> None:
+    keys = [f"shard-{i // 1000:05d}.parquet:{i % 1000}" for i in range(20_000)]
+    small = {k for k in keys if in_sample(k, 0.1, seed=3)}
+    large = {k for k in keys if in_sample(k, 0.25, seed=3)}
+    assert small <= large, "a larger fraction keeps every row of a smaller one"
+    for got, p in ((small, 0.1), (large, 0.25)):  # within 5 standard errors of the binomial draw
+        assert abs(len(got) / len(keys) - p) < 5 * (p * (1 - p) / len(keys)) ** 0.5
+    assert all(in_sample(k, 1.0) for k in keys[:100])
+    for bad in ({"sample_fraction": 0.0}, {"sample_fraction": 1.5}, {"sample_seed": -1}):
+        with pytest.raises(ValueError, match="sample_"):
+            SourceSpec(uri="x", **bad)
 
 
 def test_limit_and_decode_in_ray(ray_local, tmp_path):

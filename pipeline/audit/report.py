@@ -578,11 +578,13 @@ def build_report(
     thresholds: Thresholds | dict | None = None,
     class_names: list[str] | None = None,
     top_k: int = 16,
+    sample: dict | None = None,
 ) -> dict:
     """Compute the audit numbers from the pipeline output, write `report.json` and `report.html` into `out_dir`.
 
     `previous` is the previous run's report.json (as a dict) for the trend section; `thresholds` (a Thresholds, or
     a dict of its keys: THRESHOLD_KEYS) fill `report["alerts"]`, which the CLI turns into a non-zero exit.
+    `sample` records how the audited rows were drawn from the source (the audit's own description, kept as is).
     """
     # Before any work: a typo or a broken previous report should not cost a full report run.
     checked = parse_thresholds(thresholds)
@@ -595,6 +597,7 @@ def build_report(
         "version": REPORT_VERSION,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **summary,
+        "sample": sample,
     }
     report["trend"] = _trend(report, previous) if previous else None
     report["thresholds"] = checked.as_dict()

@@ -59,21 +59,51 @@ def _holds_data(fs: pafs.FileSystem, path: str) -> bool:
     return info.type == pafs.FileType.Directory and bool(fs.get_file_info(pafs.FileSelector(path, recursive=False)))
 
 
-def _claim_output(uri: str, endpoint_url: str | None, overwrite: bool) -> None:
-    """Refuse an output that already holds data (a sanitize run's output, a previous audit) unless overwrite."""
+def _check_output(uri: str, endpoint_url: str | None, overwrite: bool) -> bool:
+    """Refuse an output that already holds data (a sanitize run's output, a previous audit) unless overwrite;
+    return whether it holds data to clear."""
     fs, path = resolve_filesystem(uri, endpoint_url)
     if not _holds_data(fs, path):
-        return
+        return False
     if not overwrite:
         raise AuditError(f"audit output {uri} already holds data; an audit writes a fresh sample and never deletes "
                          "what it did not write: give it its own output.uri (e.g. one prefix per run), or ask for "
                          "the folder to be replaced with overwrite")
+    return True
+
+
+def _clear_output(uri: str, endpoint_url: str | None) -> None:
+    fs, path = resolve_filesystem(uri, endpoint_url)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         fs.delete_file(path)
     elif isinstance(fs, pafs.LocalFileSystem):
         shutil.rmtree(path)
     else:
         fs.delete_dir_contents(path)
+
+
+def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
+    """Turn the audit's `sample` (about N rows) into the source's stable hash sample, on `cfg` in place, and return
+    how the rows are drawn, for the report. A fraction the config already names is kept, with N as a cap."""
+    from pipeline.job import source_spec
+    from pipeline.sources import row_count
+
+    s = cfg.source
+    if sample is not None and sample < 1:
+        raise AuditError(f"the audit sample must be at least 1 row, got {sample}")
+    if sample and s.sample_fraction is None:
+        rows = row_count(source_spec(cfg), list_images=True)
+        if rows is None:
+            raise AuditError(f"audit.sample={sample} needs the source's size, which a {s.format} source does not "
+                             "tell without reading it all: set source.sample_fraction instead (e.g. "
+                             "source.sample_fraction=0.01 audits about 1% of the rows, the same ones every run)")
+        s.sample_fraction = min(1.0, sample / rows) if rows else 1.0
+        return {"rows_asked": sample, "source_rows": rows, "fraction": s.sample_fraction, "seed": s.sample_seed,
+                "limit": s.limit}
+    if sample:
+        s.limit = min(s.limit or sample, sample)
+    return {"rows_asked": sample, "source_rows": None, "fraction": s.sample_fraction, "seed": s.sample_seed,
+            "limit": s.limit}
 
 
 def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | None = None,
@@ -88,12 +118,9 @@ def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | No
     for name in cfg.blackbox.class_names or []:
         if not isinstance(name, str) or not name.strip():
             raise AuditError(f"blackbox.class_names must be non-empty strings, got {name!r}")
-    sample = sample or a.sample
     cfg = cfg.model_copy(deep=True)
     cfg.output.keep_original = True
     cfg.output.resume = False  # an audit is a fresh sample, never a continuation
-    if sample:
-        cfg.source.limit = sample
     out_uri = absolute_uri(cfg.output.uri)
     prev_uri = previous or a.previous
     prev = read_previous(absolute_uri(prev_uri), cfg.output.endpoint_url) if prev_uri else None
@@ -102,11 +129,15 @@ def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | No
     if existing and not overwrite:
         raise AuditError(f"report folder {local} already holds {', '.join(p.name for p in existing)}: give this "
                          "audit its own report folder (--report), or ask for the files to be replaced with overwrite")
-    _claim_output(out_uri, cfg.output.endpoint_url, overwrite)
+    to_clear = _check_output(out_uri, cfg.output.endpoint_url, overwrite)
+    drawn = draw_sample(cfg, sample or a.sample)  # lists the source: a wrong one fails before anything is deleted
+    if to_clear:
+        _clear_output(out_uri, cfg.output.endpoint_url)
 
     summary = run_sanitize(cfg)
     table = load_output(out_uri, endpoint_url=cfg.output.endpoint_url)
-    report = build_report(table, local, previous=prev, thresholds=checked, class_names=cfg.blackbox.class_names)
+    report = build_report(table, local, previous=prev, thresholds=checked, class_names=cfg.blackbox.class_names,
+                          sample=drawn)
     files = {name: (local / name).read_bytes() for name in REPORT_FILES}
     remote = a.report_uri or (cfg.output.uri.rstrip("/") + "/_report" if "://" in cfg.output.uri else None)
     if remote:

@@ -49,7 +49,9 @@ from pipeline.sources.base import (
     SourceInfo,
     SourceSpec,
     _filesystem,
+    in_sample,
     list_shards,
+    sample_rows,
 )
 from pipeline.sources.resume import (
     MAX_DUPLICATE_KEYS,
@@ -89,15 +91,38 @@ def read_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> ray.data
     fs, _ = _filesystem(spec, fs)
     info = inspect_source(spec, fs)
     ds, fn, kwargs = source_format(spec).reader(spec, fs, info)
-    if spec.limit is not None:
-        ds = ds.limit(spec.limit)
-    # batch_size=None maps whole blocks, so the map fuses into the read tasks at no extra copy.
-    return ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
+    # batch_size=None maps whole blocks, so the maps fuse into the read tasks at no extra copy.
+    ds = ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
+    if spec.sample_fraction is not None and spec.sample_fraction < 1:
+        ds = ds.map_batches(sample_rows, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"fraction": spec.sample_fraction, "seed": spec.sample_seed})
+    return ds if spec.limit is None else ds.limit(spec.limit)
+
+
+FOOTERS_FOR_COUNT = 2000  # read at most this many Parquet footers to count a source's rows
+
+
+def row_count(spec: SourceSpec, fs: pafs.FileSystem | None = None, *, list_images: bool = False) -> int | None:
+    """How many rows the source holds (before any sample or limit), where that is cheap to know: Parquet footers
+    (up to FOOTERS_FOR_COUNT shards); with `list_images`, an image folder's files, listed once more for this (Ray
+    lists them again for the read). None where it is not known: WebDataset would need every tar read."""
+    import pyarrow.parquet as pq
+
+    fs, _ = _filesystem(spec, fs)
+    if spec.format == "imagefolder":
+        return len(list_shards(spec, fs)) if list_images else None
+    shards = inspect_source(spec, fs).shards
+    if spec.format != "parquet" or len(shards) > FOOTERS_FOR_COUNT:
+        return None
+    try:
+        return sum(pq.read_metadata(path, filesystem=fs).num_rows for path in shards)
+    except (OSError, ValueError):
+        return None
 
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES", "FORMATS", "IMAGE_EXTENSIONS", "MAX_DUPLICATE_KEYS", "NORMALISED_COLUMNS",
     "WDS_ID_COLUMN", "SourceCheckpointFilter", "SourceError", "SourceFormat", "SourceInfo", "SourceSpec",
-    "checkpoint_config", "duplicate_keys", "id_column", "inspect_source", "list_shards", "mark_duplicate_keys",
-    "read_source", "source_format",
+    "checkpoint_config", "duplicate_keys", "id_column", "in_sample", "inspect_source", "list_shards",
+    "mark_duplicate_keys", "read_source", "row_count", "sample_rows", "source_format",
 ]

@@ -6,6 +6,7 @@ A format is one module of this package with the :class:`SourceFormat` functions;
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +52,10 @@ class SourceSpec:
     ``image_column`` / ``key_column`` / ``label_column``: Parquet column names (``label_column`` also names the
     WebDataset label member besides ``cls``); key and label columns are optional in the data, ``None`` ignores them.
     ``endpoint_url``: S3-compatible endpoint (else env ``S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``).
-    ``limit``: read at most this many rows (applied after the read, so with a resumed job it counts new rows).
+    ``sample_fraction`` / ``sample_seed``: keep only the rows whose key hashes below the fraction (see
+    :func:`in_sample`): the same rows whatever the read order, the cluster or the shard a row sits in.
+    ``limit``: read at most this many rows (after the sample; with a resumed job it counts new rows). Which rows a
+    limit keeps depends on the order reads finish in: for the same rows every run, sample instead.
     """
 
     uri: str
@@ -61,6 +65,8 @@ class SourceSpec:
     label_column: str | None = "label"
     endpoint_url: str | None = None
     limit: int | None = None
+    sample_fraction: float | None = None
+    sample_seed: int = 0
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     # What inspect_source learned, kept on this spec object: one job makes one spec and inspects once, however many
     # of read_source / id_column / checkpoint_config / duplicate_keys it calls. A new spec inspects again.
@@ -71,6 +77,10 @@ class SourceSpec:
             raise ValueError(f"unknown source format {self.format!r}; expected one of {', '.join(FORMATS)}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.sample_fraction is not None and not 0 < self.sample_fraction <= 1:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if not 0 <= self.sample_seed < 2**64:
+            raise ValueError(f"sample_seed must be in [0, 2**64), got {self.sample_seed}")
         if self.max_image_bytes < 1:
             raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
 
@@ -182,3 +192,19 @@ def _cap_images(images: pa.Array, errors: list[str | None], cap: int) -> pa.Arra
     for i in np.flatnonzero(big).tolist():
         errors[i] = errors[i] or f"image too large ({int(lengths[i])} bytes > {cap})"
     return pc.if_else(pa.array(big), pa.nulls(len(images), images.type), images)
+
+
+def in_sample(key: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a row with this key belongs to the ``fraction`` sample drawn with ``seed``.
+
+    A hash of the key, read as a number in [0, 1), below the fraction: a Bernoulli sample that depends on the key
+    alone, so every worker, read order and rerun agrees; a larger fraction keeps every row of a smaller one, and
+    rows added to the source later join it at the same rate."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8, salt=seed.to_bytes(16, "little")).digest()
+    return int.from_bytes(digest, "little") < fraction * 2.0**64
+
+
+def sample_rows(table: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """The rows of a normalised block that are :func:`in_sample` (by their ``key``)."""
+    keep = [in_sample("" if k is None else k, fraction, seed) for k in table["key"].to_pylist()]
+    return table.filter(pa.array(keep, type=pa.bool_()))
