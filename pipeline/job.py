@@ -421,7 +421,7 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
         # A URI, not the filesystem path: checkpoint_config resolves it against fs_out itself.
         out_uri = absolute_uri(cfg.output.uri).rstrip("/")
         # Keyed on the source's own key column, a key that repeats now (or no longer does) changes rows already done.
-        dups = list(duplicate_keys(spec, fs_in)) if id_col == spec.key_column else None
+        dups = duplicate_keys(spec, fs_in) if id_col == spec.key_column else None
         retried = release_retryable(fs_out, out_path, f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}", id_col,
                                     dups).rows
         ctx.checkpoint_config = checkpoint_config(spec, f"{out_uri}/{CHECKPOINT_DIR}", fs_out)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Collection
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,7 @@ DUPLICATE_KEY = "duplicate key"  # how the error of a row whose key repeats in t
 
 @dataclass
 class Released:
-    rows: int  # retryable error rows removed from the output
+    rows: int  # rows removed from the output, to be processed again
     files: int  # output files rewritten
 
 
@@ -72,35 +73,44 @@ def _release_mask(t: pa.Table, id_column: str, duplicated: pa.Array | None) -> p
     return mask
 
 
-def released_ids(fs: pafs.FileSystem, out_path: str, id_column: str, duplicated: pa.Array | None = None
-                 ) -> tuple[pa.Array, dict[str, int]]:
-    """The ids of the output's rows to process again (see _release_mask), and how many such rows each file holds."""
+def released_ids(fs: pafs.FileSystem, out_path: str, id_column: str,
+                 duplicated_keys: Mapping[str, int] | None = None) -> pa.Array:
+    """The ids to process again: those of retryable error rows and of rows whose "duplicate key" verdict no longer
+    matches the source (see _release_mask), and every repeated key (``duplicated_keys``: key -> rows of the source
+    that carry it) whose rows the output does not hold exactly: Ray's checkpoint skips an id once any row with it
+    is written, so a run cut short (or by a limit) between two rows of a key would otherwise never write the other.
+    """
+    duplicated = None if duplicated_keys is None else pa.array(sorted(duplicated_keys), pa.string())
     ids: list[pa.Array] = []
-    per_file: dict[str, int] = {}
+    written: Counter = Counter()  # rows of each repeated key in the output, by the id's own value
     for path in _parquet_files(fs, out_path):
-        schema = pq.read_schema(path, filesystem=fs)
-        if "retryable" not in schema.names or id_column not in schema.names:
+        names = pq.read_schema(path, filesystem=fs).names
+        if id_column not in names:
             continue
-        columns = [id_column, "retryable"] + (["error"] if duplicated is not None and "error" in schema.names else [])
+        columns = [id_column] + [c for c in ("retryable", "error") if c in names]
         t = pq.read_table(path, filesystem=fs, columns=columns)
         mask = _release_mask(t, id_column, duplicated)
-        hits = int(pc.sum(mask).as_py() or 0)
-        if hits:
-            per_file[path] = hits
+        if pc.any(mask).as_py():
             ids.append(t[id_column].filter(mask).combine_chunks())
+        if duplicated is not None and len(duplicated):
+            hit = pc.fill_null(pc.is_in(pc.cast(t[id_column], pa.string()), value_set=duplicated), False)
+            written.update(t[id_column].filter(hit).to_pylist())
+    short = [k for k, n in written.items() if n != duplicated_keys[str(k)]]
+    if short:
+        ids.append(pa.array(short))
     if not ids:
-        return pa.array([], pa.string()), per_file
-    return pa.concat_arrays([a.cast(ids[0].type) for a in ids]), per_file
+        return pa.array([], pa.string())
+    return pa.concat_arrays([a.cast(ids[0].type) for a in ids])
 
 
 def release_retryable(fs: pafs.FileSystem, out_path: str, checkpoint_path: str, id_column: str,
-                      duplicated_keys: Collection[str] | None = None) -> Released:
-    """Make the next run retry every retryable error row of the output, and every row whose "duplicate key" verdict
-    the source has changed (``duplicated_keys``: the keys that repeat in it now; None: not checked). See the
-    module's docstring."""
-    duplicated = None if duplicated_keys is None else pa.array(sorted(duplicated_keys), pa.string())
-    ids, per_file = released_ids(fs, out_path, id_column, duplicated)
-    if not per_file:
+                      duplicated_keys: Mapping[str, int] | None = None) -> Released:
+    """Make the next run process again every row of the output that `released_ids` names (retryable failures,
+    changed or incomplete repeated keys; ``duplicated_keys``: key -> rows that carry it in the source now, None:
+    not checked). Every output row with a released id goes, so that no row is left behind for an id the checkpoint
+    no longer holds, which the rerun would write a second time. See the module's docstring."""
+    ids = released_ids(fs, out_path, id_column, duplicated_keys)
+    if not len(ids):
         return Released(0, 0)
     for path in _parquet_files(fs, checkpoint_path) if _exists(fs, checkpoint_path) else []:
         if path.endswith(PENDING_SUFFIX):
@@ -111,15 +121,21 @@ def release_retryable(fs: pafs.FileSystem, out_path: str, checkpoint_path: str, 
         keep = pc.invert(pc.is_in(t[id_column], value_set=ids.cast(t.schema.field(id_column).type)))
         if int(pc.sum(keep).as_py() or 0) < t.num_rows:
             _rewrite(fs, path, t.filter(keep))
-    removed = 0
-    for path in per_file:
+    removed = files = 0
+    for path in _parquet_files(fs, out_path):
+        if id_column not in pq.read_schema(path, filesystem=fs).names:
+            continue
+        column = pq.read_table(path, filesystem=fs, columns=[id_column])[id_column]
+        if not pc.any(pc.is_in(column, value_set=ids.cast(column.type))).as_py():
+            continue
         t = pq.read_table(path, filesystem=fs)
-        kept = t.filter(pc.invert(_release_mask(t, id_column, duplicated)))
+        kept = t.filter(pc.invert(pc.fill_null(pc.is_in(t[id_column], value_set=ids.cast(column.type)), False)))
         removed += t.num_rows - kept.num_rows
+        files += 1
         _rewrite(fs, path, kept)
     log.info("processing again %d row(s) that failed for a reason that can pass (black box, budget, credentials, "
-             "a key that repeated or now repeats)", removed)
-    return Released(removed, len(per_file))
+             "a key that repeated, now repeats, or was not written in full)", removed)
+    return Released(removed, files)
 
 
 def _exists(fs: pafs.FileSystem, path: str) -> bool:

@@ -135,7 +135,9 @@ def mark_duplicate_keys(table: pa.Table, counts: dict[str, int]) -> pa.Table:
     the same ids, treats them alike too."""
     errors = [None if k is None or k not in counts
               else f"{DUPLICATE_KEY} ({counts[k]} rows of the source have this key)" for k in table["key"].to_pylist()]
-    if "error" in table.column_names:  # a reason the read already found comes first
-        errors = [old or new for old, new in zip(table["error"].to_pylist(), errors, strict=True)]
+    if "error" in table.column_names:
+        # The key's verdict wins over a reason the read found: every row of a repeated key must say so, or resume
+        # (which compares the two) would take the key back on every run.
+        errors = [new or old for old, new in zip(table["error"].to_pylist(), errors, strict=True)]
         table = table.drop_columns(["error"])
     return table.append_column("error", pa.array(errors, type=pa.string()))
