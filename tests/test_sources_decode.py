@@ -34,6 +34,7 @@ from pipeline.sources import (
     read_source,
     row_count,
 )
+from pipeline.sources.base import label_value
 from pipeline.storage import StorageError, check_readable, check_writable, describe, resolve_filesystem
 from tests.plugins.s3 import make_fmnist_shards
 
@@ -127,6 +128,39 @@ def test_sample_draw_is_nested_and_at_its_rate() -> None:
     for bad in ({"sample_fraction": 0.0}, {"sample_fraction": 1.5}, {"sample_seed": -1}):
         with pytest.raises(ValueError, match="sample_"):
             SourceSpec(uri="x", **bad)
+
+
+def test_odd_labels_in_later_shards_read_as_unknown(ray_local, tmp_path):
+    """Only the first shard's schema is checked; labels a later shard (or a tar member) holds that are no class id
+    read as -1 instead of failing the read task, and with it the job."""
+    png = encode_png(np.zeros((1, 1, 28, 28), np.uint8))[0]
+    root = tmp_path / "pq"
+    root.mkdir()
+    pq.write_table(pa.table({"key": ["a0", "a1"], "image": [png] * 2, "label": pa.array([3, -4], pa.int64())}),
+                   root / "a.parquet")
+    pq.write_table(pa.table({"key": ["b0"], "image": [png], "label": pa.array([7], pa.uint64())}), root / "b.parquet")
+    # an integer column with gaps, as pandas writes it
+    pq.write_table(pa.table({"key": ["c0", "c1", "c2"], "image": [png] * 3,
+                             "label": pa.array([5.0, float("nan"), 2.5])}), root / "c.parquet")
+    labels = {r["key"]: r["label"] for r in _rows(read_source(SourceSpec(uri=str(root))))}
+    assert labels == {"a0": 3, "a1": -1, "b0": 7, "c0": 5, "c1": -1, "c2": -1}
+    # Types Arrow cannot unify fail up front, naming the cause, before any task runs.
+    pq.write_table(pa.table({"key": ["d0"], "image": [png], "label": ["8"]}), root / "d.parquet")
+    with pytest.raises(SourceError, match="disagree on a column's type.*label"):
+        read_source(SourceSpec(uri=str(root)))
+    assert [label_value(v) for v in ("8", b" 9\n", "cat", None, "-2", 2**64, 4.0, float("inf"), True)] == \
+        [8, 9, -1, -1, -1, -1, 4, -1, -1]
+
+    tars = tmp_path / "wds"
+    tars.mkdir()
+    with tarfile.open(tars / "s.tar", "w") as tar:
+        for key, cls in (("0", b"99999999999999999999"), ("1", b" 4\n"), ("2", "\u0663".encode()), ("3", b"1_0")):
+            for name, data in ((f"{key}.png", png), (f"{key}.cls", cls)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    labels = {r["key"]: r["label"] for r in _rows(read_source(SourceSpec(uri=str(tars), format="webdataset")))}
+    assert labels == {"s.tar/0": -1, "s.tar/1": 4, "s.tar/2": -1, "s.tar/3": -1}
 
 
 def test_limit_and_decode_in_ray(ray_local, tmp_path):

@@ -171,10 +171,32 @@ def _relative_array(paths: pa.Array | pa.ChunkedArray, root: str) -> list[str]:
     return [names[p] for p in values]
 
 
+def label_value(value: object) -> int:
+    """A class id from a label cell (an integer, an integral float, text or bytes holding one), -1 for none or for
+    what is not one (negative, past int64, NaN, free text): a label is metadata, never a reason to fail a read."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        value = value.strip()
+        if not value.isascii() or not value.isdigit():  # int() would also take "1_0", "-1" or other scripts' digits
+            return -1
+    elif isinstance(value, float) and not (np.isfinite(value) and value.is_integer()):
+        return -1
+    elif not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        return -1
+    number = int(value)
+    return number if 0 <= number < 2**63 else -1
+
+
 def _labels(column: pa.ChunkedArray | pa.Array | None, n: int) -> pa.Array:
     if column is None:
         return pa.array(np.full(n, -1, dtype=np.int64))
-    return pc.fill_null(pc.cast(column, pa.int64()), -1)
+    if pa.types.is_signed_integer(column.type):  # the usual case, in Arrow
+        labels = pc.fill_null(pc.cast(column, pa.int64()), -1)
+        return pc.if_else(pc.less(labels, 0), -1, labels)
+    # Only the first shard's schema is checked: a later one may hold unsigned, float (an integer column with gaps,
+    # as pandas writes it) or text labels.
+    return pa.array([label_value(v) for v in column.to_pylist()], type=pa.int64())
 
 
 def _as_binary(column: pa.ChunkedArray | pa.Array) -> pa.Array:

@@ -93,8 +93,13 @@ def reader(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo
     # At least one read task per shard: Ray would pack small shards into one task and so one block, and then
     # the whole dataset moves through purify and lands in the output as a single late write.
     # The row hash also with a key column: it names a row whose key is null (see _fill_missing_keys).
-    ds = ray.data.read_parquet(info.shards, filesystem=fs, include_paths=True, include_row_hash=True,
-                               override_num_blocks=len(info.shards))
+    try:
+        ds = ray.data.read_parquet(info.shards, filesystem=fs, include_paths=True, include_row_hash=True,
+                                   override_num_blocks=len(info.shards))
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:  # Ray unifies the shards' schemas up front
+        raise SourceError(f"the Parquet shards under {describe(fs, info.root)} disagree on a column's type ({e}); "
+                          "rewrite the odd shards with the first shard's types, or point source.uri at one kind"
+                          ) from None
     columns = [spec.image_column, "path"]
     columns += [spec.key_column, "row_hash"] if info.has_key else ["row_hash"]
     columns += [spec.label_column] if info.has_label else []

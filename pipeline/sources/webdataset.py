@@ -22,6 +22,7 @@ from pipeline.sources.base import (
     SourceSpec,
     _has_extension,
     _relative_array,
+    label_value,
     list_shards,
 )
 from pipeline.storage import describe
@@ -176,17 +177,6 @@ def _wds_sample_ids(table: pa.Table) -> pa.Array:
     )
 
 
-def _parse_label(value: object) -> int:
-    if value is None:
-        return -1
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value).decode("utf-8", "replace")
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        return -1
-
-
 def _normalise_webdataset(table: pa.Table, root: str, label_column: str | None) -> pa.Table:
     n = table.num_rows
     members = [c for c in table.column_names if not c.startswith("__")]
@@ -213,7 +203,7 @@ def _normalise_webdataset(table: pa.Table, root: str, label_column: str | None) 
     for member in label_members:  # the configured label member first, then cls / label / class
         for i, value in enumerate(table[member].to_pylist()):
             if labels[i] == -1:
-                labels[i] = _parse_label(value)
+                labels[i] = label_value(value)
     shard_names = _relative_array(table["__url__"], root)
     wds_keys = table["__key__"].to_pylist()
     read_errors = table["__error__"].to_pylist() if "__error__" in table.column_names else [None] * n
