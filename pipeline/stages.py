@@ -144,9 +144,13 @@ class PurifyStage:
             steps = self.cascade.steps(x, self.seed) if self.cascade else self._one_pass(x, self.seed)
             try:
                 d = await self._drive(steps, x, keys)
-            except (ValueError, TypeError) as exc:  # a shape the model cannot take: these rows fail, the job goes on
+            except (ValueError, TypeError) as exc:
+                # Decode gives every row the model's own shape and type, so this is the configuration, the model or
+                # the code, on every row alike: these rows fail, the job goes on, and a rerun after the fix retries
+                # them (a row's own bad data ended at decode, as an error row that is not retried).
                 for i in rows:
                     errors[i] = f"purify: {exc}"
+                retryable[rows] = True
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 # The service died or is restarting: nothing is wrong with these rows, a later run retries them.
                 for i in rows:

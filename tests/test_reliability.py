@@ -488,6 +488,31 @@ def test_bad_inputs_through_the_whole_job(ray_local, tmp_path):
     assert Counter(table["key"].to_pylist())["dup-key"] == 2
 
 
+def test_a_purify_failure_is_retried_not_frozen(ray_local):
+    """A batch the purifier refuses fails for the whole batch alike (decode already turned each row's own bad data
+    into an error row): a rerun after the fix must retry those rows, not skip them as done."""
+    import asyncio
+
+    from pipeline.job import start_blackbox
+    from pipeline.stages import PurifyStage
+
+    cfg = load_config(None, [])
+    service = start_blackbox(cfg)
+    try:
+        stage = PurifyStage(model="fmnist-tiny", device="cpu", dtype="float32", method="sdedit",
+                            params={"t_start": 100, "steps": 2}, seed=0, service=service.names,
+                            namespace=service.namespace, torch_threads=1)
+        batch = {"key": np.array(["a", "b", "c"], object), "label": np.array([1, 2, 3]),
+                 "error": np.array([None, None, "not an image"], object),
+                 "image": np.zeros((3, 3, 32, 32), np.uint8)}  # not the model's 1x28x28
+        out = asyncio.run(stage(batch))
+    finally:
+        service.close()
+    assert [e.startswith("purify: ") for e in out["error"][:2]] == [True, True], out["error"]
+    assert out["retryable"].tolist() == [True, True, False]  # the decode error stays the row's own
+    assert out["error"][2] == "not an image"
+
+
 def test_a_released_key_takes_every_row_that_carries_it(tmp_path):
     """Resume state as earlier runs leave it: whenever a key leaves the checkpoint, every output row with it goes
     too, or the rerun, which reads every row of the key again, would write a second copy of those left behind."""
