@@ -78,6 +78,14 @@ def test_parse_output_bounds_every_label() -> None:
     assert pred.labels.tolist() == [-1, 4] and pred.errors[0].startswith("bad response: label")
     with pytest.raises(ValueError, match="score columns"):
         parse_output(np.zeros((1, MAX_LABEL + 2), np.float32), 1)
+    # a non-finite score fails its own row only; the others keep their answer, as a distribution or softmaxed
+    for rows, dist in (([[0.1, 0.9], [np.nan, 0.5], [0.7, 0.3], [np.inf, 0.0]], True),
+                       ([[1.0, 3.0], [-np.inf, 2.0], [4.0, 0.0], [np.nan, np.nan]], False)):
+        pred = parse_output(np.array(rows, np.float32), 4)
+        assert pred.labels.tolist() == [1, -1, 0, -1] and pred.failed.tolist() == [False, True, False, True]
+        assert pred.retryable.tolist() == [False, True, False, True] and "NaN or inf" in pred.errors[1]
+        assert np.allclose(pred.scores[[0, 2]].sum(1), 1) and np.isnan(pred.scores[[1, 3]]).all()
+        assert np.allclose(pred.scores[0], [0.1, 0.9]) == dist
 
 
 def test_scores_in_one_request_bare_labels_in_another_give_one_consistent_prediction(crafted_v2_server):

@@ -157,7 +157,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def parse_output(out: np.ndarray, n: int) -> Prediction:
     """Model output -> Prediction (labels int64 (n,), scores float32 (n, K) or None, per-row errors).
 
-    (n, K>1): logits or probabilities (kept if rows already are a distribution, else softmaxed), label = argmax.
+    (n, K>1): logits or probabilities (kept if rows already are a distribution, else softmaxed), label = argmax; a
+    row with a NaN or inf fails alone (retryable, like a label out of range).
     (n,) or (n, 1) with integer values: labels directly; a label outside [0, MAX_LABEL] fails its row (retryable:
     it is the endpoint's answer, not the row's data). Raises ValueError if the output as a whole is uninterpretable.
     """
@@ -168,11 +169,15 @@ def parse_output(out: np.ndarray, n: int) -> Prediction:
         if out.shape[1] > MAX_LABEL + 1:
             raise ValueError(f"output has {out.shape[1]} score columns, more than {MAX_LABEL + 1} classes")
         x = out.astype(np.float64)
-        if not np.all(np.isfinite(x)):
-            raise ValueError("output contains NaN or inf")
-        is_dist = bool(np.all(x >= 0) and np.all(x <= 1) and np.allclose(x.sum(axis=1), 1.0, atol=1e-3))
-        probs = x if is_dist else _softmax(x)
-        return Prediction(np.argmax(x, axis=1).astype(np.int64), probs.astype(np.float32), [None] * n)
+        # A NaN or inf (say an fp16 overflow on one image) fails its own row, not the request's other rows.
+        finite = np.isfinite(x).all(axis=1)
+        x = np.where(finite[:, None], x, 0.0)
+        ok = x[finite]
+        is_dist = bool(np.all(ok >= 0) and np.all(ok <= 1) and np.allclose(ok.sum(axis=1), 1.0, atol=1e-3))
+        probs = np.where(finite[:, None], x if is_dist else _softmax(x), np.nan)
+        labels = np.where(finite, np.argmax(x, axis=1), -1).astype(np.int64)
+        errors = [None if f else "bad response: NaN or inf among the scores" for f in finite.tolist()]
+        return Prediction(labels, probs.astype(np.float32), errors)
     if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
         flat = out.reshape(n)
         if flat.dtype.kind == "f" and np.all(np.isfinite(flat)) and np.allclose(flat, np.round(flat)):
