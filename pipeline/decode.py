@@ -172,7 +172,7 @@ def decode_batch(
     errors = np.empty(n, dtype=object)
     previous = batch.get("error")
     for i, data in enumerate(raw):
-        if previous is not None and previous[i] is not None:
+        if previous is not None and not is_empty_error(previous[i]):
             errors[i] = previous[i]
             continue
         arr, err = decode_image(data, size, channels, policy, max_bytes=max_bytes, max_pixels=max_pixels,
@@ -184,6 +184,14 @@ def decode_batch(
     out["image"] = images
     out["error"] = errors
     return out
+
+
+def is_empty_error(e: object) -> bool:
+    """An error cell that means "no error": between Ray stages an all-null string column may arrive as None,
+    NaN (numpy float32 too) or ""."""
+    if isinstance(e, str):
+        return e == ""
+    return e is None or (isinstance(e, (float, np.floating)) and bool(np.isnan(e)))
 
 
 def encode_png(images: np.ndarray, compress_level: int = 1) -> list[bytes]:

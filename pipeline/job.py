@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 
 from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.config import JobConfig
-from pipeline.decode import decode_batch
+from pipeline.decode import decode_batch, is_empty_error
 from pipeline.gate import GATE_DEFAULTS, gate_params, gate_threshold, top_probability
 from pipeline.heap import releasing, worker_env
 from pipeline.paths import absolute_uri, shipped_path
@@ -35,7 +35,7 @@ from pipeline.placement import PlacementError, PlanDemand, check_placement, plan
 from pipeline.progress import ProgressLine
 from pipeline.requeue import release_retryable
 from pipeline.service import ServiceHandle, start_service
-from pipeline.sink import is_empty_error, to_output_batch
+from pipeline.sink import to_output_batch
 from pipeline.sources import (
     SourceSpec,
     checkpoint_config,

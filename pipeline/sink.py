@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.decode import encode_png
+from pipeline.decode import encode_png, is_empty_error
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -135,14 +135,6 @@ def _params_json(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value if value is not None else {}, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def is_empty_error(e: object) -> bool:
-    """An error cell that means "no error": between Ray stages an all-null string column may arrive as None,
-    NaN (numpy float32 too) or ""."""
-    if isinstance(e, str):
-        return e == ""
-    return e is None or (isinstance(e, (float, np.floating)) and bool(np.isnan(e)))
 
 
 def to_output_batch(

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.decode import is_empty_error
 from pipeline.heap import release_freed_memory
-from pipeline.sink import is_empty_error
 
 if TYPE_CHECKING:
     from pipeline.purify.cascade import Steps

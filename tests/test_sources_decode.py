@@ -449,6 +449,17 @@ def test_empty_batch():
     assert out["image"].shape == (0, 3, 28, 28) and out["error"].shape == (0,)
 
 
+def test_decode_reads_an_incoming_error_cell_as_the_later_stages_do():
+    """Between Ray stages an all-null error column may arrive as NaN or "": those mean "no error" to decode too,
+    or the row would skip decode and reach purification as a blank image marked fine."""
+    png = encode_png(np.full((1, 1, 28, 28), 200, np.uint8))[0]
+    batch = {"image_bytes": np.array([png] * 4, dtype=object),
+             "error": np.array([np.float32("nan"), "", None, "missing key"], dtype=object)}
+    out = decode_batch(batch, 28, 1)
+    assert out["error"].tolist() == [None, None, None, "missing key"]
+    assert (out["image"][:3] == 200).all() and (out["image"][3] == 0).all()
+
+
 # --- property tests ---
 
 images_strategy = st.tuples(
