@@ -51,6 +51,7 @@ def test_audit_flags_the_backdoor_target_and_exits_nonzero_on_threshold(ray_loca
     assert report["trend"]["flip_rate_delta"] == report["flip_rate"] - first["flip_rate"]
     html = (tmp_path / "report2" / "report.html").read_text()
     assert "data:image/png;base64," in html
+    assert "sample: about 60 of 120 source rows: rows whose key hashes below 0.5 (seed 0)" in html
     assert json.loads(latest.read_text())["generated_at"] == first["generated_at"]
 
     # Lenient again: compared with the last run that raised nothing, then published.

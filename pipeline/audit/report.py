@@ -552,6 +552,7 @@ def _render_html(report: dict, table: pa.Table, chosen: np.ndarray, previous: di
 
     return _template().render(
         generated_at=str(report["generated_at"]),
+        sample=_describe_sample(report.get("sample")),
         methods=", ".join(f"{k} ({v})" for k, v in report["methods"].items()),
         cards=cards,
         alerts=report["alerts"],
@@ -564,6 +565,15 @@ def _render_html(report: dict, table: pa.Table, chosen: np.ndarray, previous: di
         samples=samples,
         top_errors=list(report["top_errors"].items()),
     )
+
+
+def _describe_sample(sample: dict | None) -> str | None:
+    if not sample or sample.get("fraction") is None:
+        return f"the first {sample['limit']} rows read" if sample and sample.get("limit") else None
+    text = f"rows whose key hashes below {sample['fraction']:.4g} (seed {sample['seed']})"
+    if sample.get("source_rows"):
+        text = f"about {sample['rows_asked']} of {sample['source_rows']} source rows: " + text
+    return text + (f", at most {sample['limit']}" if sample.get("limit") else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

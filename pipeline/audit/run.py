@@ -86,7 +86,7 @@ def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
     """Turn the audit's `sample` (about N rows) into the source's stable hash sample, on `cfg` in place, and return
     how the rows are drawn, for the report. A fraction the config already names is kept, with N as a cap."""
     from pipeline.job import source_spec
-    from pipeline.sources import row_count
+    from pipeline.sources import FOOTERS_FOR_COUNT, row_count
 
     s = cfg.source
     if sample is not None and sample < 1:
@@ -94,9 +94,10 @@ def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
     if sample and s.sample_fraction is None:
         rows = row_count(source_spec(cfg), list_images=True)
         if rows is None:
-            raise AuditError(f"audit.sample={sample} needs the source's size, which a {s.format} source does not "
-                             "tell without reading it all: set source.sample_fraction instead (e.g. "
-                             "source.sample_fraction=0.01 audits about 1% of the rows, the same ones every run)")
+            raise AuditError(f"audit.sample={sample} needs the source's row count, which is not known up front here "
+                             f"(a WebDataset source, or Parquet past {FOOTERS_FOR_COUNT} shards or with unreadable "
+                             "footers): set source.sample_fraction instead (e.g. source.sample_fraction=0.01 audits "
+                             "about 1% of the rows, the same ones every run)")
         s.sample_fraction = min(1.0, sample / rows) if rows else 1.0
         return {"rows_asked": sample, "source_rows": rows, "fraction": s.sample_fraction, "seed": s.sample_seed,
                 "limit": s.limit}

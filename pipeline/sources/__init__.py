@@ -121,8 +121,9 @@ def row_count(spec: SourceSpec, fs: pafs.FileSystem | None = None, *, list_image
 
 
 __all__ = [
-    "DEFAULT_MAX_IMAGE_BYTES", "FORMATS", "IMAGE_EXTENSIONS", "MAX_DUPLICATE_KEYS", "NORMALISED_COLUMNS",
-    "WDS_ID_COLUMN", "SourceCheckpointFilter", "SourceError", "SourceFormat", "SourceInfo", "SourceSpec",
+    "DEFAULT_MAX_IMAGE_BYTES", "FOOTERS_FOR_COUNT", "FORMATS", "IMAGE_EXTENSIONS", "MAX_DUPLICATE_KEYS",
+    "NORMALISED_COLUMNS", "WDS_ID_COLUMN", "SourceCheckpointFilter", "SourceError", "SourceFormat", "SourceInfo",
+    "SourceSpec",
     "checkpoint_config", "duplicate_keys", "id_column", "in_sample", "inspect_source", "list_shards",
     "mark_duplicate_keys", "read_source", "row_count", "sample_rows", "source_format",
 ]
