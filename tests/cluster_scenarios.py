@@ -113,13 +113,19 @@ def three_nodes(work: Path) -> dict:
     return facts
 
 
-def late_gpu(work: Path) -> dict:
+def late_gpu(work: Path, bad_shard: bool = False) -> dict:
     """An autoscaling cluster as a job first sees it: no GPU node yet. With `resources.wait_for_nodes_s`, preflight
-    waits; a GPU node joins a few seconds later (standing in for the autoscaler) and the job runs on it."""
+    waits; a GPU node joins a few seconds later (standing in for the autoscaler) and the job runs on it. With
+    `bad_shard`, a second shard whose label type cannot be unified with the first's ends the job after preflight
+    asked the autoscaler and before the plan runs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import ray
     from ray.cluster_utils import Cluster
 
     src = make_fmnist_shards(pafs.LocalFileSystem(), str(work / "src"), n_shards=1, per_shard=12, fmt="parquet")
+    if bad_shard:
+        pq.write_table(pa.table({"key": ["odd"], "image": [b"x"], "label": ["cat"]}), work / "src" / "z.parquet")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     ray.init(address=cluster.address, log_to_driver=False)
 
@@ -134,26 +140,32 @@ def late_gpu(work: Path) -> dict:
         except Exception as e:  # noqa: BLE001 - the scenario reports what happened; the test decides
             result["error"] = f"{type(e).__name__}: {str(e)[:300]}"
 
-    t0 = time.monotonic()
-    t = threading.Thread(target=job)
-    t.start()
-    time.sleep(4)
-    cluster.add_node(num_cpus=2, num_gpus=1)  # from the main thread: Ray's node start needs it
-    t.join(timeout=300)
     from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
     from ray.experimental.internal_kv import _internal_kv_get
 
-    # what the job asked the autoscaler for, as it stands after the job (v1 autoscaler: a JSON list in the GCS KV)
-    standing = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    def request() -> list | None:  # what the job asks the autoscaler for (v1 autoscaler: a JSON list in the GCS KV)
+        raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+        return None if raw is None else json.loads(raw)
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=job)
+    t.start()
+    # The autoscaler's part: a GPU node joins once the job asks for one (or after 60 s, for the test to report).
+    asked = None
+    while asked is None and t.is_alive() and time.monotonic() - t0 < 60:
+        time.sleep(0.5)
+        asked = request()
+    cluster.add_node(num_cpus=2, num_gpus=1)  # from the main thread: Ray's node start needs it
+    t.join(timeout=300)
     facts = {"expected": sorted(src.expected), "keys": keys_in(work / "out"), "errors": errors_in(work / "out"),
-             "seconds": time.monotonic() - t0, "standing_request": None if standing is None else json.loads(standing),
-             **result}
+             "seconds": time.monotonic() - t0, "asked": asked, "standing_request": request(), **result}
     ray.shutdown()
     cluster.shutdown()
     return facts
 
 
-SCENARIOS = {"one_gpu": one_gpu, "three_nodes": three_nodes, "late_gpu": late_gpu}
+SCENARIOS = {"one_gpu": one_gpu, "three_nodes": three_nodes, "late_gpu": late_gpu,
+             "late_gpu_bad_shard": lambda work: late_gpu(work, bad_shard=True)}
 
 if __name__ == "__main__":
     name, workdir = sys.argv[1], Path(sys.argv[2])

@@ -64,10 +64,19 @@ def test_preflight_waits_for_the_autoscaler_when_told_to(tmp_path):
     f = scenario("late_gpu", tmp_path)
     assert "error" not in f, f["error"]
     assert sorted(f["keys"]) == f["expected"] and f["errors"] == 0
-    assert f["seconds"] >= 4, "the job cannot have run before its GPU node joined"
+    assert any(b.get("GPU") for b in f["asked"] or []), "preflight must ask the autoscaler for the GPU node"
     # No autoscaler request outlives the job: on a long-lived cluster it would keep the GPU node up. (While the plan
     # runs, Ray Data's own requests replace preflight's; the job withdraws preflight's itself for a run that ends
     # before its plan starts.)
+    assert f["standing_request"] == [], f["standing_request"]
+
+
+def test_a_job_that_ends_before_its_plan_withdraws_the_autoscaler_request(tmp_path):
+    """Preflight asked the autoscaler for a GPU node and got it; the job then fails before Ray Data makes requests
+    of its own (a later shard the first one's schema did not predict). No request may outlive it."""
+    f = scenario("late_gpu_bad_shard", tmp_path)
+    assert "SourceError" in f.get("error", "") and "disagree on a column's type" in f["error"], f
+    assert any(b.get("GPU") for b in f["asked"] or []) and f["keys"] == []
     assert f["standing_request"] == [], f["standing_request"]
 
 
