@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
@@ -35,7 +36,7 @@ from pipeline.placement import PlacementError, PlanDemand, check_placement, plan
 from pipeline.progress import ProgressLine
 from pipeline.requeue import release_retryable
 from pipeline.service import ServiceHandle, start_service
-from pipeline.sink import to_output_batch
+from pipeline.sink import output_schema, to_output_batch
 from pipeline.sources import (
     SourceSpec,
     checkpoint_config,
@@ -469,9 +470,16 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
     service.close()
     seconds = time.time() - t0
 
-    dataset = pads.dataset(out_path, filesystem=fs_out, format="parquet")
-    table = dataset.to_table(columns=[c for c in ("error", "flagged", "nfe", "retryable")
-                                      if c in dataset.schema.names])
+    columns = ["error", "flagged", "nfe", "retryable"]
+    if fs_out.get_file_info(out_path).type == pafs.FileType.Directory:
+        dataset = pads.dataset(out_path, filesystem=fs_out, format="parquet")
+        table = dataset.to_table(columns=[c for c in columns if c in dataset.schema.names])
+    else:
+        table = pa.table({})
+    if "error" not in table.column_names:
+        # Nothing written, ever (Ray writes no file for an empty dataset: a sample that drew no row, an empty
+        # source): zero rows, not a failure.
+        table = output_schema().empty_table().select(columns)
     total = table.num_rows
     errors = total - table["error"].null_count
     flagged = int(sum(1 for f in table["flagged"].to_pylist() if f))

@@ -148,7 +148,9 @@ def test_thresholds_crossed_and_not_crossed(table: pa.Table, tmp_path: Path) -> 
     relaxed = {"max_flip_rate": 0.5, "max_class_replaced_rate": 0.9, "max_error_rate": 0.05, "min_rows": 100}
     assert evaluate_thresholds(report, relaxed) == []
     assert evaluate_thresholds(report, None) == []
-    assert evaluate_thresholds(report, {"min_rows": 1000}) == ["rows 200 < min_rows 1000"]
+    assert evaluate_thresholds(report, {"min_rows": 1000}) == ["valid rows 196 < min_rows 1000 (200 rows, 4 of them "
+                                                               "errors)"]
+    assert evaluate_thresholds(report, {"min_rows": 197}) != [] and evaluate_thresholds(report, {"min_rows": 196}) == []
 
     with pytest.raises(ValueError, match="max_flip_rat"):
         evaluate_thresholds(report, {"max_flip_rat": 0.1})
@@ -205,6 +207,22 @@ def test_without_originals_and_empty_output(tmp_path: Path) -> None:
     assert report["rows"] == 0 and report["flip_rate"] is None and report["most_replaced"] == []
     assert len(report["alerts"]) == 2  # an audit that saw nothing must not pass
     assert (tmp_path / "b" / "report.html").exists()
+
+    # Every row an error (the black box timed out throughout): no threshold may pass on what was not measured,
+    # the shipped audit config's single class threshold included.
+    failed = make_output().slice(0, 50)
+    failed = failed.set_column(failed.column_names.index("error"), "error", pa.array(["black box: timeout"] * 50))
+    shipped = {"max_class_replaced_rate": 0.3}
+    report = build_report(failed, tmp_path / "c", thresholds=shipped)
+    assert report["valid_rows"] == 0 and len(report["alerts"]) == 1 and "cannot be measured" in report["alerts"][0]
+    previous = json.loads((tmp_path / "a" / "report.json").read_text())
+    report = build_report(failed, tmp_path / "d", previous=previous,
+                          thresholds={"max_flip_rate_increase": 0.05, "min_rows": 1})
+    assert len(report["alerts"]) == 2 and any("flip rate increase cannot be measured" in a for a in report["alerts"])
+    # ... while a run after such a one (whose flip rate is null) only has no trend to check
+    after = build_report(make_output(), tmp_path / "e", thresholds={"max_flip_rate_increase": 0.05},
+                         previous=json.loads((tmp_path / "d" / "report.json").read_text()))
+    assert after["alerts"] == [] and after["trend"]["flip_rate_delta"] is None
 
 
 def test_load_output_reads_the_directory(tmp_path: Path) -> None:

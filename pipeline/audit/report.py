@@ -42,6 +42,13 @@ MAX_PLOT_CLASSES = 30  # beyond this, charts show the classes that matter; the J
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _empty_output(columns: Sequence[str] | None) -> pa.Table:
+    from pipeline.sink import output_schema
+
+    table = output_schema(keep_orig=True).empty_table()
+    return table if columns is None else table.select([c for c in columns if c in table.column_names])
+
+
 def load_output(
     uri: str | Path,
     filesystem: pafs.FileSystem | None = None,
@@ -65,8 +72,12 @@ def load_output(
         source = str(Path(uri).resolve())
     else:  # already a path inside `filesystem` ("bucket/prefix")
         source = str(uri).strip("/")
+    if filesystem.get_file_info(source).type == pafs.FileType.NotFound:
+        return _empty_output(columns)
     dataset = ds.dataset(source, format="parquet", filesystem=filesystem)
     fragments = list(dataset.get_fragments())
+    if not fragments:  # a run that wrote no row writes no file (Ray skips empty writes)
+        return _empty_output(columns)
     if len(fragments) > 1:
         schema = pa.unify_schemas([f.physical_schema for f in fragments], promote_options="permissive")
         dataset = ds.dataset(source, format="parquet", filesystem=filesystem, schema=schema)
@@ -320,8 +331,11 @@ def evaluate_thresholds(report: dict, thresholds: Thresholds | dict | None) -> l
         elif value > limit:
             alerts.append(f"{what} {value:.4f} > {key} {limit}")
 
-    if t.min_rows is not None and report.get("rows", 0) < t.min_rows:
-        alerts.append(f"rows {report.get('rows', 0)} < min_rows {t.min_rows}")
+    valid = report.get("valid_rows", report.get("rows", 0))
+    if t.min_rows is not None and valid < t.min_rows:
+        # error rows are not evidence either way: an audit whose black box timed out on every row saw nothing
+        alerts.append(f"valid rows {valid} < min_rows {t.min_rows} ({report.get('rows', 0)} rows, "
+                      f"{report.get('errors', 0)} of them errors)")
     if t.max_flip_rate is not None:
         check(report.get("flip_rate"), t.max_flip_rate, "flip rate", "max_flip_rate")
     if t.max_error_rate is not None:
@@ -329,6 +343,9 @@ def evaluate_thresholds(report: dict, thresholds: Thresholds | dict | None) -> l
     if t.max_class_replaced_rate is not None:
         limit = t.max_class_replaced_rate
         min_rows = t.min_class_rows if t.min_class_rows is not None else DEFAULT_MIN_CLASS_ROWS
+        if not valid:
+            alerts.append(f"class replaced rates cannot be measured (no valid rows) but max_class_replaced_rate="
+                          f"{limit} is set")
         for c, stats in sorted(report.get("per_class", {}).items(), key=lambda kv: int(kv[0])):
             rate = stats.get("replaced_rate")
             if stats.get("rows", 0) >= min_rows and rate is not None and rate > limit:
@@ -339,7 +356,10 @@ def evaluate_thresholds(report: dict, thresholds: Thresholds | dict | None) -> l
     if t.max_flip_rate_increase is not None:
         limit = t.max_flip_rate_increase
         d = (report.get("trend") or {}).get("flip_rate_delta")
-        if d is not None and d > limit:
+        if report.get("flip_rate") is None:
+            # this run cannot be compared; a previous run without a flip rate only leaves no trend to check
+            check(None, limit, "flip rate increase", "max_flip_rate_increase")
+        elif d is not None and d > limit:
             alerts.append(f"flip rate rose by {d:.4f} since the previous report > max_flip_rate_increase {limit}")
     return alerts
 

@@ -36,7 +36,8 @@ class Thresholds(BaseModel):
         default=None, ge=0, le=1,
         description="alert when the flip rate rose by more than this since the previous report")
     min_rows: int | None = Field(
-        default=None, ge=0, description="alert when the audit saw fewer rows than this (an empty audit proves nothing)")
+        default=None, ge=0,
+        description="alert when the audit has fewer valid (non-error) rows than this (an empty audit proves nothing)")
 
     def as_dict(self) -> dict[str, float | int]:
         """Only the keys that were set: what the report shows as 'checked'."""
