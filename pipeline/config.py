@@ -129,7 +129,8 @@ class AuditConfig(_Section):
     publish_latest: str | None = None
     thresholds: Thresholds = Field(default_factory=Thresholds)  # known keys and ranges: pipeline/audit/thresholds.py
     # About N images, drawn as source.sample_fraction = N / the source's rows (Parquet, image folders: counted up
-    # front), so every run audits the same rows; a WebDataset source, which cannot be counted, needs the fraction.
+    # front): the same rows on every run while the source is unchanged (see audit.run.draw_sample for a growing
+    # one); a WebDataset source, which cannot be counted, needs the fraction.
     sample: int | None = Field(default=None, ge=1, le=10**9)
 
 

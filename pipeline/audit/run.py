@@ -84,18 +84,22 @@ def _clear_output(uri: str, endpoint_url: str | None) -> None:
 
 def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
     """Turn the audit's `sample` (about N rows) into the source's stable hash sample, on `cfg` in place, and return
-    how the rows are drawn, for the report. A fraction the config already names is kept, with N as a cap."""
+    how the rows are drawn, for the report. A fraction the config already names is kept, with N as a cap.
+
+    The fraction is N / the rows the source holds now: the same rows on every run while the source is unchanged; as
+    it grows, the fraction shrinks and the sample keeps the rows of lowest hash (most of the previous sample) plus
+    new rows at the same rate as old ones. A fixed `source.sample_fraction` keeps every sampled row instead."""
     from pipeline.job import source_spec
-    from pipeline.sources import FOOTERS_FOR_COUNT, row_count
+    from pipeline.sources import FOOTERS_FOR_SAMPLE, row_count
 
     s = cfg.source
     if sample is not None and sample < 1:
         raise AuditError(f"the audit sample must be at least 1 row, got {sample}")
     if sample and s.sample_fraction is None:
-        rows = row_count(source_spec(cfg), list_images=True)
+        rows = row_count(source_spec(cfg), list_images=True, max_footers=FOOTERS_FOR_SAMPLE)
         if rows is None:
             raise AuditError(f"audit.sample={sample} needs the source's row count, which is not known up front here "
-                             f"(a WebDataset source, or Parquet past {FOOTERS_FOR_COUNT} shards or with unreadable "
+                             f"(a WebDataset source, or Parquet past {FOOTERS_FOR_SAMPLE} shards or with unreadable "
                              "footers): set source.sample_fraction instead (e.g. source.sample_fraction=0.01 audits "
                              "about 1% of the rows, the same ones every run)")
         s.sample_fraction = min(1.0, sample / rows) if rows else 1.0

@@ -32,6 +32,7 @@ each with the :class:`~pipeline.sources.base.SourceFormat` functions), ``resume`
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -99,31 +100,34 @@ def read_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> ray.data
     return ds if spec.limit is None else ds.limit(spec.limit)
 
 
-FOOTERS_FOR_COUNT = 2000  # read at most this many Parquet footers to count a source's rows
+FOOTERS_FOR_COUNT = 2000  # Parquet footers read to count a source's rows for a job's progress line
+FOOTERS_FOR_SAMPLE = 100_000  # ... and for an audit's sample, which needs the count (read 32 at a time)
 
 
-def row_count(spec: SourceSpec, fs: pafs.FileSystem | None = None, *, list_images: bool = False) -> int | None:
-    """How many rows the source holds (before any sample or limit), where that is cheap to know: Parquet footers
-    (up to FOOTERS_FOR_COUNT shards); with `list_images`, an image folder's files, listed once more for this (Ray
-    lists them again for the read). None where it is not known: WebDataset would need every tar read."""
+def row_count(spec: SourceSpec, fs: pafs.FileSystem | None = None, *, list_images: bool = False,
+              max_footers: int = FOOTERS_FOR_COUNT) -> int | None:
+    """How many rows the source holds (before any sample or limit), where that is cheap enough to know: Parquet
+    footers (up to `max_footers` shards); with `list_images`, an image folder's files, listed once more for this
+    (Ray lists them again for the read). None where it is not known: WebDataset would need every tar read."""
     import pyarrow.parquet as pq
 
     fs, _ = _filesystem(spec, fs)
     if spec.format == "imagefolder":
         return len(list_shards(spec, fs)) if list_images else None
     shards = inspect_source(spec, fs).shards
-    if spec.format != "parquet" or len(shards) > FOOTERS_FOR_COUNT:
+    if spec.format != "parquet" or len(shards) > max_footers:
         return None
     try:
-        return sum(pq.read_metadata(path, filesystem=fs).num_rows for path in shards)
+        with ThreadPoolExecutor(min(32, len(shards))) as pool:  # object stores answer many small reads at once
+            return sum(pool.map(lambda path: pq.read_metadata(path, filesystem=fs).num_rows, shards))
     except (OSError, ValueError):
         return None
 
 
 __all__ = [
-    "DEFAULT_MAX_IMAGE_BYTES", "FOOTERS_FOR_COUNT", "FORMATS", "IMAGE_EXTENSIONS", "MAX_DUPLICATE_KEYS",
-    "NORMALISED_COLUMNS", "WDS_ID_COLUMN", "SourceCheckpointFilter", "SourceError", "SourceFormat", "SourceInfo",
-    "SourceSpec",
-    "checkpoint_config", "duplicate_keys", "id_column", "in_sample", "inspect_source", "list_shards",
-    "mark_duplicate_keys", "read_source", "row_count", "sample_rows", "source_format",
+    "DEFAULT_MAX_IMAGE_BYTES", "FOOTERS_FOR_COUNT", "FOOTERS_FOR_SAMPLE", "FORMATS", "IMAGE_EXTENSIONS",
+    "MAX_DUPLICATE_KEYS", "NORMALISED_COLUMNS", "WDS_ID_COLUMN", "SourceCheckpointFilter", "SourceError",
+    "SourceFormat", "SourceInfo", "SourceSpec", "checkpoint_config", "duplicate_keys", "id_column", "in_sample",
+    "inspect_source", "list_shards", "mark_duplicate_keys", "read_source", "row_count", "sample_rows",
+    "source_format",
 ]
