@@ -25,7 +25,7 @@ from pipeline.config import load_config
 from pipeline.job import run_sanitize
 from pipeline.placement import PlacementError, PlanDemand, check_placement
 from pipeline.service import split_limits
-from pipeline.stages import GpuMismatchError, check_gpu
+from pipeline.stages import GpuMismatchError, cgroup_cpu_quota, check_gpu, usable_cores
 from tests.plugins.s3 import make_fmnist_shards
 from tests.test_pipeline_e2e import CASCADE, FAST, assert_exactly_once, read_output
 
@@ -223,3 +223,35 @@ def test_a_gpu_that_torch_cannot_see_fails_the_actor_unless_cpu_is_asked_for():
         check_gpu("auto", ["0"])
     check_gpu("cpu", ["0"])  # explicit: purify on the CPU
     check_gpu("auto", [])  # no GPU reserved: nothing to check
+
+
+def _cores_on_one_cpu(queue) -> None:
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    queue.put(usable_cores())
+
+
+def test_cpu_threads_follow_the_cores_a_process_really_has(tmp_path):
+    """A pod's CPU limit and a process's affinity, not the node's core count, size the purifier's torch threads."""
+    import multiprocessing
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("250000 100000\n")
+    assert cgroup_cpu_quota(v2) == 2.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(v1) == 4.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(v1) is None and cgroup_cpu_quota(tmp_path / "none") is None
+
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_cores_on_one_cpu, args=(queue,))
+    child.start()
+    assert queue.get(timeout=60) == 1
+    child.join(60)
