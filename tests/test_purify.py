@@ -11,13 +11,14 @@ from diffusers import DDPMScheduler, UNet2DModel
 from pipeline.bench import GRID
 from pipeline.blackbox.base import Prediction
 from pipeline.purify import build_purifier
+from pipeline.purify.batching import CPU_CHUNK
 from pipeline.purify.cascade import Cascade, escalation_seeds, majority, needs_pass, original_ballots, supported
 from pipeline.purify.degradations import parse_degradation
 from pipeline.purify.filters import unsharp_mask
 from pipeline.purify.guided import Guided
 from pipeline.purify.models import DiffusionModel
 from pipeline.purify.sampdetox import LocalRepair, SampDetox
-from pipeline.purify.sampling import CPU_CHUNK, predict_eps
+from pipeline.purify.sampling import predict_eps
 from pipeline.purify.sdedit import SDEdit
 from pipeline.purify.ssim import ssim_map
 from pipeline.purify.zip import ZIP
@@ -73,10 +74,37 @@ def test_cpu_unet_calls_go_in_chunks_with_the_same_answer(model):
         eps = predict_eps(model, x, 50)
     finally:
         hook.remove()
-    assert calls == [CPU_CHUNK, CPU_CHUNK, 3]
+    assert calls == [CPU_CHUNK] * 3  # the short last chunk is padded: every call has the same size
     with torch.no_grad():
         whole = model.unet(x, torch.full((len(x),), 49)).sample
     assert torch.allclose(eps, whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("guided", {}),
+    ("sdedit", {"t_start": 150, "steps": 3, "sharpen": 1.0}),
+    ("sampdetox", {"t1": 20, "t2": 60, "steps1": 2, "steps2": 3}),
+    ("zip", {"degradation": "pool2", "t_start": 100, "steps": 3}),
+])
+def test_a_rows_image_is_bit_exact_whatever_its_batch(method, params):
+    """The shipped model on real images: a row purified alone, in a short batch or in a long one gives the same
+    floats, so the same uint8 image (CPU convolutions pick their kernels by batch size; see purify/batching.py)."""
+    from pipeline.datasets import load_fashion_mnist
+    from pipeline.purify import load_model
+
+    images = load_fashion_mnist("test")[0][:21, None]
+    keys = [f"k{i}" for i in range(21)]
+    p = build_purifier(method, load_model("fmnist-tiny", "cpu"), params)
+    with torch.inference_mode():
+        full = p(images, keys, seed=5).images
+        for rows in (slice(0, 1), slice(0, 5), slice(3, 20), slice(9, 10)):
+            assert torch.equal(p(images[rows], keys[rows], seed=5).images, full[rows]), (method, rows)
+
+
+def count_rows(calls: list[int]):
+    """A UNet forward hook that records how many images a call evaluated: a short CPU call is padded to a fixed size
+    by repeating its last row (purify/batching.py), and the padding is no image's NFE."""
+    return lambda m, i, o: calls.append(len(torch.unique(i[0].flatten(1), dim=0)))
 
 
 def test_nfe_counts_exact(model):
@@ -84,14 +112,14 @@ def test_nfe_counts_exact(model):
     assert SDEdit(model, t_start=200, steps=7)(imgs, ["a", "b", "c"]).nfe.tolist() == [7, 7, 7]
     assert ZIP(model, t_start=300, steps=5)(imgs, ["a", "b", "c"]).nfe.tolist() == [5, 5, 5]
     calls = []
-    hook = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    hook = model.unet.register_forward_hook(count_rows(calls))
     try:
         res = Guided(model, t_start=200, steps=5, locate_steps=2)(imgs, ["a", "b", "c"])
     finally:
         hook.remove()
     assert res.nfe.tolist() == [7, 7, 7] and sum(calls) == 21
     calls = []
-    hook = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    hook = model.unet.register_forward_hook(count_rows(calls))
     try:
         res = SampDetox(model, t1=8, t2=30, steps1=4, steps2=6)(imgs, ["a", "b", "c"])
     finally:
@@ -224,7 +252,7 @@ def test_repair_changes_only_the_located_region_and_counts_nfe(model):
     imgs = batch(3)
     rep = FixedMap(model, levels, t1=50, t2=300, steps1=2, steps2=6)
     calls = []
-    hook = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    hook = model.unet.register_forward_hook(count_rows(calls))
     try:
         res = rep(imgs, ["a", "b", "c"])
     finally:

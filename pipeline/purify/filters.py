@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.purify.batching import rowwise
+
 
 def gaussian_window(sigma: float, device: torch.device, truncate: float = 3.5) -> torch.Tensor:
     r = int(truncate * sigma + 0.5)  # skimage's truncate=3.5 gives an 11-tap window at sigma 1.5
@@ -23,9 +25,13 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     g = gaussian_window(sigma, x.device)
     r = g.numel() // 2
     c = x.shape[1]
-    y = symmetric_pad(x.float(), r)
-    y = F.conv2d(y, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(y, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        y = symmetric_pad(x.float(), r)
+        y = F.conv2d(y, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        return F.conv2d(y, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+    return rowwise(blur, x)  # fixed-size CPU calls: a row's blur must not depend on its batch (batching.py)
 
 
 def unsharp_mask(x: torch.Tensor, amount: float, sigma: float = 1.0) -> torch.Tensor:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from pipeline.purify.batching import rowwise
 from pipeline.purify.models import DiffusionModel
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
@@ -76,20 +77,18 @@ def q_sample(model: DiffusionModel, x0: torch.Tensor, t: int | torch.Tensor, noi
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-# On a CPU, a UNet call on many images holds all their activations at once and buys no speed over a few images at a
-# time (docs/benchmarks.md), so CPU calls go in chunks of this many images; an accelerator gets the whole batch.
-CPU_CHUNK = 16
-
 
 def predict_eps(model: DiffusionModel, x: torch.Tensor, t: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The UNet's noise prediction eps_theta(x_t, t) (one NFE per image), optionally under autocast to `dtype`."""
-    if x.device.type == "cpu" and len(x) > CPU_CHUNK:
-        return torch.cat([predict_eps(model, part, t, dtype) for part in x.split(CPU_CHUNK)])
-    ts = torch.full((x.shape[0],), t - 1, device=x.device, dtype=torch.long)
-    if dtype != torch.float32:
-        with torch.autocast(device_type=x.device.type, dtype=dtype):
-            return model.unet(x, ts).sample.float()
-    return model.unet(x, ts).sample
+    def unet(x: torch.Tensor) -> torch.Tensor:
+        ts = torch.full((x.shape[0],), t - 1, device=x.device, dtype=torch.long)
+        if dtype != torch.float32:
+            with torch.autocast(device_type=x.device.type, dtype=dtype):
+                return model.unet(x, ts).sample.float()
+        return model.unet(x, ts).sample
+
+    # in fixed-size CPU calls: a row's prediction must not depend on the rows it is computed with (batching.py)
+    return rowwise(unet, x)
 
 
 def ddim_step(
