@@ -12,6 +12,7 @@ that the cluster can place the plan at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -339,24 +340,35 @@ def calibrate_gate(quantile: float, images: np.ndarray, service: ServiceHandle) 
     return gate_threshold(top, quantile), bool(answered.all())
 
 
-def saved_gate(fs: pafs.FileSystem, out_path: str, quantile: float, rows: int) -> float | None:
-    """The gate an earlier run of this output measured with the same quantile and rows, if any."""
+def gate_identity(cfg: JobConfig) -> str:
+    """What the gate was measured on besides its quantile and rows: the black box, its input, and which rows are the
+    source's first (its location, its sample). A digest, so that no URI lands in the output folder."""
+    b, s = cfg.blackbox, cfg.source
+    what = [b.uri, b.size, b.channels, b.scale, b.input_name, b.datatype, absolute_uri(s.uri), s.format,
+            s.sample_fraction, s.sample_seed, s.decode_policy]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+
+def saved_gate(fs: pafs.FileSystem, out_path: str, quantile: float, rows: int, identity: str) -> float | None:
+    """The gate an earlier run of this output measured with the same quantile, rows and `gate_identity`, if any."""
     try:
         with fs.open_input_stream(f"{out_path.rstrip('/')}/{GATE_FILE}") as f:
             saved = json.loads(f.read(4096))
     except (FileNotFoundError, OSError, ValueError):
         return None
-    if saved.get("original_quantile") != quantile or saved.get("calibration_rows") != rows:
+    if (saved.get("original_quantile"), saved.get("calibration_rows"), saved.get("measured_for")) != (
+            quantile, rows, identity):
         return None
     gate = saved.get("original_below")
     return float(gate) if isinstance(gate, (int, float)) and 0.0 <= gate <= 1.0 else None
 
 
-def save_gate(fs: pafs.FileSystem, out_path: str, quantile: float, rows: int, gate: float, measured_on: int) -> None:
+def save_gate(fs: pafs.FileSystem, out_path: str, quantile: float, rows: int, identity: str, gate: float,
+              measured_on: int) -> None:
     fs.create_dir(out_path, recursive=True)
     with fs.open_output_stream(f"{out_path.rstrip('/')}/{GATE_FILE}") as f:
-        f.write(json.dumps({"original_quantile": quantile, "calibration_rows": rows, "original_below": gate,
-                            "measured_on": measured_on}).encode())
+        f.write(json.dumps({"original_quantile": quantile, "calibration_rows": rows, "measured_for": identity,
+                            "original_below": gate, "measured_on": measured_on}).encode())
 
 
 def wait_for_tasks_to_end(cpus_before: float, timeout_s: float = FENCE_S) -> bool:
@@ -414,7 +426,8 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
     # Read before resume is set up: with a checkpoint, Ray Data would skip rows already done, and a rerun would
     # measure the gate on other rows than the first run did.
     gate_spec = measured_gate(cfg)
-    gate = saved_gate(fs_out, out_path, *gate_spec) if gate_spec and cfg.output.resume else None
+    identity = gate_identity(cfg)
+    gate = saved_gate(fs_out, out_path, *gate_spec, identity) if gate_spec and cfg.output.resume else None
     calib = first_images(cfg, spec, fs_in, size, channels, gate_spec[1]) if gate_spec and gate is None else None
     id_col = pre.id_column
     retried = 0
@@ -441,7 +454,7 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
             if gate is None and calib is not None:
                 gate, complete = calibrate_gate(gate_spec[0], calib, service)
                 if complete:  # a gate measured while the black box failed must not outlive that failure
-                    save_gate(fs_out, out_path, *gate_spec, gate, len(calib))
+                    save_gate(fs_out, out_path, *gate_spec, identity, gate, len(calib))
                 log.info("vote gate: %.4f, the %.2f quantile of the black box's top probability on the first %d "
                          "images", gate, gate_spec[0], len(calib))
             params["original_below"] = gate

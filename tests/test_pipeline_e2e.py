@@ -174,9 +174,9 @@ def test_vote_gate_measured_on_the_first_rows(ray_local, tmp_path):
 
     shards = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=2, per_shard=20,
                                 fmt="parquet")
-    cfg = load_config(overrides=[
-        f"source.uri={tmp_path / 'src'}", f"output.uri={tmp_path / 'out'}", "purify.method=cascade",
-        CASCADE[:-1] + ", original_quantile: 0.5, calibration_rows: 16}", *FAST[1:]])
+    cfg_overrides = [f"source.uri={tmp_path / 'src'}", f"output.uri={tmp_path / 'out'}", "purify.method=cascade",
+                     CASCADE[:-1] + ", original_quantile: 0.5, calibration_rows: 16}", *FAST[1:]]
+    cfg = load_config(overrides=cfg_overrides)
     summary = run_sanitize(cfg)
 
     first = pq.read_table(sorted((tmp_path / "src").glob("*.parquet"))[0]).slice(0, 16)
@@ -201,6 +201,11 @@ def test_vote_gate_measured_on_the_first_rows(ray_local, tmp_path):
     (tmp_path / "out" / "_vote_gate.json").unlink()
     measured = run_sanitize(cfg)  # without the saved gate, the same first rows measure the same gate
     assert measured.gate == summary.gate and measured.queries == 16
+    # Another black box resumes this output: the saved gate measured another model's answers, so it is measured again.
+    saved = json.loads((tmp_path / "out" / "_vote_gate.json").read_text())
+    other = load_config(overrides=[*cfg_overrides, f"blackbox.uri=onnx:{REPO / 'models/victims/blended.onnx'}"])
+    assert run_sanitize(other).queries == 16
+    assert json.loads((tmp_path / "out" / "_vote_gate.json").read_text())["measured_for"] != saved["measured_for"]
 
 
 def test_the_driver_measures_the_gate_without_torch():
