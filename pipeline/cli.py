@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("audit", help="audit a dataset/black box: flip rates, replaced classes, HTML + JSON report")
     p.add_argument("--report", help="local report folder (default out/audit-report)")
     p.add_argument("--previous", help="previous report.json for the trend")
-    p.add_argument("--sample", type=int, 
+    p.add_argument("--sample", type=int,
                    help="audit about N images: a hash sample of the whole source, the same rows while it is unchanged")
     p.add_argument("--thresholds", help='JSON, e.g. {"max_class_replaced_rate": 0.3}; crossing one exits 3')
     p.add_argument("--overwrite", action="store_true",
