@@ -183,7 +183,7 @@ def preflight(cfg: JobConfig) -> Preflight:
 def source_rows(pre: Preflight) -> int | None:
     """How many rows this job reads, where that is known up front (see `row_count`); None when a sample makes it a
     draw."""
-    if pre.spec.sample_fraction is not None and pre.spec.sample_fraction < 1:
+    if pre.spec.sampled:
         return None
     total = row_count(pre.spec, pre.fs_in)
     if total is None:

@@ -522,7 +522,7 @@ def test_a_released_key_takes_every_row_that_carries_it(tmp_path):
     dup = "duplicate key (2 rows of the source have this key)"
 
     def state(rows: list[tuple[str, str | None]]) -> tuple[str, str]:
-        out, ckpt = tmp_path / f"out{len(list(tmp_path.iterdir()))}", None
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
         out.mkdir()
         ckpt = out / "_ray_checkpoint"
         ckpt.mkdir()

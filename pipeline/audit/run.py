@@ -95,6 +95,7 @@ def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
     s = cfg.source
     if sample is not None and sample < 1:
         raise AuditError(f"the audit sample must be at least 1 row, got {sample}")
+    rows = None
     if sample and s.sample_fraction is None:
         rows = row_count(source_spec(cfg), list_images=True, max_footers=FOOTERS_FOR_SAMPLE)
         if rows is None:
@@ -103,11 +104,9 @@ def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
                              "footers): set source.sample_fraction instead (e.g. source.sample_fraction=0.01 audits "
                              "about 1% of the rows, the same ones every run)")
         s.sample_fraction = min(1.0, sample / rows) if rows else 1.0
-        return {"rows_asked": sample, "source_rows": rows, "fraction": s.sample_fraction, "seed": s.sample_seed,
-                "limit": s.limit}
-    if sample:
+    elif sample:
         s.limit = min(s.limit or sample, sample)
-    return {"rows_asked": sample, "source_rows": None, "fraction": s.sample_fraction, "seed": s.sample_seed,
+    return {"rows_asked": sample, "source_rows": rows, "fraction": s.sample_fraction, "seed": s.sample_seed,
             "limit": s.limit}
 
 

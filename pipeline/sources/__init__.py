@@ -94,7 +94,7 @@ def read_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> ray.data
     ds, fn, kwargs = source_format(spec).reader(spec, fs, info)
     # batch_size=None maps whole blocks, so the maps fuse into the read tasks at no extra copy.
     ds = ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
-    if spec.sample_fraction is not None and spec.sample_fraction < 1:
+    if spec.sampled:
         ds = ds.map_batches(sample_rows, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"fraction": spec.sample_fraction, "seed": spec.sample_seed})
     return ds if spec.limit is None else ds.limit(spec.limit)

@@ -84,6 +84,11 @@ class SourceSpec:
         if self.max_image_bytes < 1:
             raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
 
+    @property
+    def sampled(self) -> bool:
+        """Whether a sample leaves rows out (a fraction of 1 keeps every row)."""
+        return self.sample_fraction is not None and self.sample_fraction < 1
+
 
 @dataclass
 class SourceInfo:
