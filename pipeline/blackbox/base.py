@@ -33,6 +33,11 @@ DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 # Label ids an answer may carry without scores: later code allocates by the largest label (vote tallies), so an id
 # a hostile or broken endpoint makes up must never reach it. The largest public label sets stay far below this.
 MAX_LABEL = 100_000
+# How far from 1 a row of scores in [0, 1] may sum and still be read as probabilities rather than logits: an endpoint
+# that rounds to 3 decimals is off by up to 5e-4 a class (a few 1e-3 over tens of classes, about 1e-2 at random
+# over a thousand), and fp16 by about 5e-4 in all. Logits that pass are a rare coincidence, and the label is the
+# argmax either way.
+PROB_SUM_TOLERANCE = 1e-2
 # Longest error text kept on a row; cut only after redaction, so a secret near the cut cannot survive in part.
 MAX_ERROR_CHARS = 300
 
@@ -157,8 +162,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def parse_output(out: np.ndarray, n: int) -> Prediction:
     """Model output -> Prediction (labels int64 (n,), scores float32 (n, K) or None, per-row errors).
 
-    (n, K>1): logits or probabilities (kept if rows already are a distribution, else softmaxed), label = argmax; a
-    row with a NaN or inf fails alone (retryable, like a label out of range).
+    (n, K>1): logits or probabilities (each row on its own: kept if it already is a distribution, else softmaxed),
+    label = argmax; a row with a NaN or inf fails alone (retryable, like a label out of range).
     (n,) or (n, 1) with integer values: labels directly; a label outside [0, MAX_LABEL] fails its row (retryable:
     it is the endpoint's answer, not the row's data). Raises ValueError if the output as a whole is uninterpretable.
     """
@@ -172,9 +177,11 @@ def parse_output(out: np.ndarray, n: int) -> Prediction:
         # A NaN or inf (say an fp16 overflow on one image) fails its own row, not the request's other rows.
         finite = np.isfinite(x).all(axis=1)
         x = np.where(finite[:, None], x, 0.0)
-        ok = x[finite]
-        is_dist = bool(np.all(ok >= 0) and np.all(ok <= 1) and np.allclose(ok.sum(axis=1), 1.0, atol=1e-3))
-        probs = np.where(finite[:, None], x if is_dist else _softmax(x), np.nan)
+        # Decided per row: a row's scores must not depend on the rows it was sent with (one row off the tolerance
+        # would otherwise softmax its batch-mates' probabilities).
+        is_dist = (np.all((x >= 0) & (x <= 1), axis=1)
+                   & (np.abs(x.sum(axis=1) - 1.0) <= PROB_SUM_TOLERANCE))[:, None]
+        probs = np.where(finite[:, None], np.where(is_dist, x, _softmax(x)), np.nan)
         labels = np.where(finite, np.argmax(x, axis=1), -1).astype(np.int64)
         errors = [None if f else "bad response: NaN or inf among the scores" for f in finite.tolist()]
         return Prediction(labels, probs.astype(np.float32), errors)

@@ -55,6 +55,15 @@ class FatalError(Exception):
         self.status = status
 
 
+class ResponseTooLargeError(FatalError):
+    """The answer passed ``max_response_bytes``. A smaller request has a smaller answer, so the engine halves the
+    request, as for a 413, instead of failing its rows for good."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"bad response: response larger than {cap} bytes")
+        self.cap = cap
+
+
 def redact_cut(text: str, redact: Callable[[str], str], limit: int = MAX_ERROR_CHARS) -> str:
     """Redact, then cut: cutting first can split a secret so that the redactor no longer sees it whole."""
     return redact(text)[:limit]
@@ -123,9 +132,10 @@ class Redactor:
     """Removes secret values from any text before it reaches an error string or a log line."""
 
     def __init__(self, secrets: Sequence[str]) -> None:
-        # as sent, and as a server may echo it back: JSON-escaped or percent-encoded; longest first, so a secret
-        # that contains another is removed whole
-        forms = {f for s in secrets if s for f in (s, json.dumps(s)[1:-1], quote(s, safe=""))}
+        # as sent, and as a server may echo it back: JSON-escaped (PHP's json_encode also escapes "/" as "\/") or
+        # percent-encoded; longest first, so a secret that contains another is removed whole
+        forms = {f for s in secrets if s
+                 for f in (s, json.dumps(s)[1:-1], json.dumps(s)[1:-1].replace("/", "\\/"), quote(s, safe=""))}
         self._secrets = sorted(forms, key=len, reverse=True)
 
     @property
@@ -170,6 +180,9 @@ class RemoteBlackBox(BudgetedBlackBox):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._req_seq = 0
+        # max_concurrency bounds the requests in flight from this client, whoever calls: a chunk sent on the
+        # caller's thread counts as much as one sent by the pool, and several callers share one limit
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)
 
     # -- subclass hooks -------------------------------------------------------------------------------------------
     @abstractmethod
@@ -253,14 +266,17 @@ class RemoteBlackBox(BudgetedBlackBox):
                     state.attempt_number, self.retries)
 
     def _attempt(self, x: np.ndarray, request_id: str) -> np.ndarray:
-        if self._rate is not None:
-            self._rate.acquire()
-        self._stats.add(attempts=1)
-        t0 = time.perf_counter()
-        try:
-            return self._send(x, request_id)
-        finally:
-            self._stats.latency((time.perf_counter() - t0) * 1000.0)
+        # the slot first: _send starts the request's deadline, so time spent waiting for a slot is never taken for a
+        # slow endpoint; the rate limit after it, so that it spaces the moments requests actually go out
+        with self._slots:
+            if self._rate is not None:
+                self._rate.acquire()
+            self._stats.add(attempts=1)
+            t0 = time.perf_counter()
+            try:
+                return self._send(x, request_id)
+            finally:
+                self._stats.latency((time.perf_counter() - t0) * 1000.0)
 
     def _run_chunk(self, x: np.ndarray, split: bool = False) -> Prediction:
         n = len(x)
@@ -278,9 +294,12 @@ class RemoteBlackBox(BudgetedBlackBox):
             tries = self.retries + 1
             error = f"{e.reason} after {tries} {'try' if tries == 1 else 'tries'}"
         except FatalError as e:
-            if n > 1 and (not e.retryable or e.status == 413):
+            if n > 1 and (not e.retryable or e.status == 413 or isinstance(e, ResponseTooLargeError)):
                 return self._split(x, e, split)
             error, retryable = e.reason, e.retryable
+            if isinstance(e, ResponseTooLargeError):
+                error = (f"{e.reason} for a single image: the answer to one image is over the cap, so a smaller "
+                         "blackbox.max_batch_size cannot help")
         except ValueError as e:  # parse_output: the model answered, but not with something we can read
             error = f"bad response: {e}"
         except Exception as e:  # noqa: BLE001 - a client bug must not kill a long job; the row records it
@@ -295,8 +314,9 @@ class RemoteBlackBox(BudgetedBlackBox):
 
     def _split(self, x: np.ndarray, refusal: FatalError, split: bool) -> Prediction:
         # A refusal answers the whole request, not one row: a body-size or server batch-size limit (413, or a 400
-        # saying so) fails every row alike, and one bad image fails its chunk-mates. Halving until the halves pass or
-        # a single row is refused keeps the good rows, and leaves the row's own verdict only to a row refused alone.
+        # saying so) or an answer over our response cap fails every row alike, and one bad image fails its
+        # chunk-mates. Halving until the halves pass or a single row is refused keeps the good rows, and leaves the
+        # row's own verdict only to a row refused alone.
         if not split:
             log.warning("black box %s refused a request of %d images (%s): resending it in halves; if every "
                         "request is refused, lower blackbox.max_batch_size", self._target(), len(x),

@@ -15,7 +15,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import numpy as np
 
 from .base import BlackBoxUnavailable, InputSpec
-from .remote import FatalError, RemoteBlackBox, RetryableError
+from .remote import FatalError, RemoteBlackBox, ResponseTooLargeError, RetryableError
 from .v2 import DATA_STATUS, RETRY_STATUS, decode_v2_response, encode_v2_request
 
 _RETRY_CODES = frozenset({"ThrottlingException", "ServiceUnavailable", "InternalFailure", "InternalDependencyException",
@@ -112,7 +112,7 @@ class SageMakerBlackBox(RemoteBlackBox):
             data = code == "ModelError" and status in DATA_STATUS
             raise FatalError(f"{reason}: {err.get('Message', '')}", retryable=not data, status=status or None) from e
         if len(raw) > self.max_response_bytes:
-            raise FatalError(f"bad response: response larger than {self.max_response_bytes} bytes")
+            raise ResponseTooLargeError(self.max_response_bytes)
         try:
             return decode_v2_response(json.loads(raw))
         except json.JSONDecodeError as e:

@@ -15,7 +15,14 @@ import numpy as np
 
 from .base import V2_DTYPES, BlackBoxUnavailable, InputSpec
 from .httpio import ACCEPT_ENCODING, ResponseTooLarge, deadline, deadline_transport, read_capped
-from .remote import FatalError, RemoteBlackBox, RetryableError, headers_from_env, parse_retry_after
+from .remote import (
+    FatalError,
+    RemoteBlackBox,
+    ResponseTooLargeError,
+    RetryableError,
+    headers_from_env,
+    parse_retry_after,
+)
 
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # The endpoint refused the request's content: asking again with the same image will not help (once a row is refused
@@ -129,7 +136,7 @@ class V2BlackBox(RemoteBlackBox):
             # a reset or a dropped connection mid-request: the server may be restarting, worth another try
             raise RetryableError("connection reset") from e
         except ResponseTooLarge as e:
-            raise FatalError(f"bad response: {e}") from e
+            raise ResponseTooLargeError(self.max_response_bytes) from e
         except ValueError as e:  # an encoding we do not inflate, or a corrupt one
             raise FatalError(f"bad response: {e}") from e
         try:
