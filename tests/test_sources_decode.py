@@ -131,8 +131,8 @@ def test_sample_draw_is_nested_and_at_its_rate() -> None:
 
 
 def test_odd_labels_in_later_shards_read_as_unknown(ray_local, tmp_path):
-    """Only the first shard's schema is checked; labels a later shard (or a tar member) holds that are no class id
-    read as -1 instead of failing the read task, and with it the job."""
+    """Only the first shard's label type must be integers; labels a later shard (or a tar member) holds that are
+    no class id read as -1 instead of failing the read task, and with it the job."""
     png = encode_png(np.zeros((1, 1, 28, 28), np.uint8))[0]
     root = tmp_path / "pq"
     root.mkdir()
@@ -161,6 +161,94 @@ def test_odd_labels_in_later_shards_read_as_unknown(ray_local, tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     labels = {r["key"]: r["label"] for r in _rows(read_source(SourceSpec(uri=str(tars), format="webdataset")))}
     assert labels == {"s.tar/0": -1, "s.tar/1": 4, "s.tar/2": -1, "s.tar/3": -1}
+
+
+@pytest.mark.parametrize("reader_v2", [True, False], ids=["reader-v2", "reader-v1"])
+def test_later_shards_lacking_columns_or_with_other_label_types_give_rows(ray_local, tmp_path, reader_v2):
+    """Shards past the first lack the key, label or image column, or hold float / unsigned labels, after more
+    shards than Ray samples for its schema: each row comes out (a missing key or image as an error row, an unusable
+    label as -1) under both of Ray's Parquet readers, instead of failing its read task."""
+    import ray.data
+
+    png = encode_png(np.zeros((1, 1, 28, 28), np.uint8))[0]
+    root = tmp_path / "pq"
+    root.mkdir()
+    for i in range(16):  # Ray 2.60's reader infers the schema from the first 16 files
+        pq.write_table(pa.table({"key": [f"a{i}"], "image": [png], "label": pa.array([i % 10], pa.int64())}),
+                       root / f"a{i:02d}.parquet")
+    pq.write_table(pa.table({"key": ["b0"], "image": [png]}), root / "b.parquet")
+    pq.write_table(pa.table({"image": [png], "label": pa.array([4], pa.int64())}), root / "c.parquet")
+    pq.write_table(pa.table({"key": ["d0"], "label": pa.array([5], pa.int64())}), root / "d.parquet")
+    pq.write_table(pa.table({"key": ["e0", "e1"], "image": [png] * 2, "label": pa.array([6.0, 2.5])}),
+                   root / "e.parquet")
+    pq.write_table(pa.table({"key": ["f0", "f1"], "image": [png] * 2,
+                             "label": pa.array([7, 2**63 + 5], pa.uint64())}), root / "f.parquet")
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2
+    context.use_datasource_v2 = reader_v2
+    try:
+        rows = {r["key"]: r for r in _rows(read_source(SourceSpec(uri=str(root))))}
+    finally:
+        context.use_datasource_v2 = before
+    assert len(rows) == 16 + 1 + 1 + 1 + 2 + 2
+    assert all(rows[f"a{i}"]["label"] == i % 10 and rows[f"a{i}"]["error"] is None for i in range(16))
+    assert rows["b0"]["label"] == -1 and rows["b0"]["error"] is None and rows["b0"]["image_bytes"] == png
+    (keyless,) = [r for k, r in rows.items() if r["shard"].endswith("c.parquet")]
+    assert keyless["error"] == "missing key (column 'key' is null)" and keyless["label"] == 4
+    assert rows["d0"]["image_bytes"] is None and rows["d0"]["label"] == 5
+    out = decode_batch({"image_bytes": np.array([rows["d0"]["image_bytes"]], dtype=object),
+                        "error": np.array([rows["d0"]["error"]], dtype=object)}, 28, 1)
+    assert out["error"][0] == "missing image"
+    assert [rows[k]["label"] for k in ("e0", "e1", "f0", "f1")] == [6, -1, 7, -1]
+
+
+def test_a_later_shard_whose_footer_cannot_be_read_is_refused_naming_it(ray_local, tmp_path):
+    png = encode_png(np.zeros((1, 1, 28, 28), np.uint8))[0]
+    root = tmp_path / "pq"
+    root.mkdir()
+    pq.write_table(pa.table({"image": [png] * 3}), root / "a.parquet")
+    (root / "b-empty.parquet").write_bytes(b"")  # was read as no rows at all
+    spec = SourceSpec(uri=str(root), key_column=None)
+    with pytest.raises(SourceError, match=r"cannot read the Parquet schema of .*b-empty\.parquet"):
+        read_source(spec)
+    (root / "b-empty.parquet").unlink()
+    whole = (root / "a.parquet").read_bytes()
+    (root / "c-cut.parquet").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(SourceError, match=r"cannot read the Parquet schema of .*c-cut\.parquet"):
+        read_source(SourceSpec(uri=str(root), key_column=None))
+
+
+def test_unsigned_64_bit_keys_are_refused_before_the_read(ray_local, tmp_path):
+    """Keys travel as int64; one past 2**63 failed every block it was in (and wrapping it would collide with the
+    negative stand-ins of null keys)."""
+    png = encode_png(np.zeros((1, 1, 28, 28), np.uint8))[0]
+    root = tmp_path / "pq"
+    root.mkdir()
+    pq.write_table(pa.table({"id": pa.array([2**63 + 1, 5], pa.uint64()), "image": [png] * 2}), root / "a.parquet")
+    with pytest.raises(SourceError, match=r"'id' in .*a\.parquet has type uint64.*cast the column to int64 or string"):
+        _rows(read_source(SourceSpec(uri=str(root), key_column="id")))
+    # the same in a later shard than the first
+    pq.write_table(pa.table({"id": pa.array([1, 2], pa.int64()), "image": [png] * 2}), root / "0.parquet")
+    with pytest.raises(SourceError, match=r"'id' in .*a\.parquet has type uint64"):
+        _rows(read_source(SourceSpec(uri=str(root), key_column="id")))
+    # and a key column whose type differs in kind between shards
+    pq.write_table(pa.table({"id": ["x", "y"], "image": [png] * 2}), root / "a.parquet")
+    with pytest.raises(SourceError, match=r"disagree on a column's type: 'id' is string in .*a\.parquet"):
+        _rows(read_source(SourceSpec(uri=str(root), key_column="id")))
+
+
+@pytest.mark.parametrize(("option", "name"), [("key_column", "path"), ("key_column", "row_hash"),
+                                              ("label_column", "row_hash"), ("image_column", "path")])
+def test_a_column_named_like_one_rays_reader_adds_is_refused(ray_local, tmp_path, option, name):
+    png = encode_png(np.zeros((1, 1, 28, 28), np.uint8))[0]
+    columns = {"image": [png, png], "label": pa.array([1, 2], pa.int64()), name: ["k1", "k2"]}
+    if option == "image_column":
+        columns = {name: [png, png], "key": ["k1", "k2"]}
+    elif option == "label_column":
+        columns[name] = pa.array([1, 2], pa.int64())
+    pq.write_table(pa.table(columns), tmp_path / "s.parquet")
+    with pytest.raises(SourceError, match=rf"source\.{option} '{name}' is also a column Ray's Parquet reader adds"):
+        _rows(read_source(SourceSpec(uri=str(tmp_path), **{option: name})))
 
 
 def test_limit_and_decode_in_ray(ray_local, tmp_path):

@@ -24,9 +24,10 @@ the reader-native id column (see :func:`id_column`)
     computed from two reader columns by :class:`SourceCheckpointFilter`, since ``__key__`` alone repeats across
     shards). WebDataset rows also keep ``__key__``.
 
-Nothing but file listings and one schema/header probe happens on the driver, once per :class:`SourceSpec` object
-(a job makes one); rows stream through Ray. One module per format (``parquet``, ``webdataset``, ``imagefolder``,
-each with the :class:`~pipeline.sources.base.SourceFormat` functions), ``resume`` for resume and repeated keys.
+Nothing but file listings and a schema/header probe (every Parquet footer, the first WebDataset shard's first
+members) happens on the driver, once per :class:`SourceSpec` object (a job makes one); rows stream through Ray.
+One module per format (``parquet``, ``webdataset``, ``imagefolder``, each with the
+:class:`~pipeline.sources.base.SourceFormat` functions), ``resume`` for resume and repeated keys.
 """
 
 
@@ -74,7 +75,7 @@ def source_format(spec: SourceSpec) -> SourceFormat:
 
 
 def inspect_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> SourceInfo:
-    """Validate a source before any Ray work: access, shards, and (Parquet) the first shard's schema or
+    """Validate a source before any Ray work: access, shards, and (Parquet) every shard's schema or
     (WebDataset) the first shard's first members. Raises StorageError / SourceError with the file named.
 
     Done once per spec object: later calls with the same spec (the job's read, resume and duplicate checks)

@@ -40,7 +40,7 @@ WDS_ID_COLUMN = "sample_id"
 
 
 class SourceError(StorageError):
-    """The source exists but cannot be used as configured (no shards, wrong columns, unreadable first shard)."""
+    """The source exists but cannot be used as configured (no shards, wrong columns, an unreadable shard)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class SourceInfo:
     classes: list[str] = field(default_factory=list)
     id_column: str | None = None
     duplicates: dict[str, int] | None = None  # repeated keys, once duplicate_keys has read them
+    read_schema: pa.Schema | None = None  # Parquet: the columns and types the read asks every shard for
 
 
 class SourceFormat(Protocol):
@@ -128,6 +129,14 @@ def _skipped(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/") if part)
 
 
+def undecodable_name(fs: pafs.FileSystem, root: str, e: UnicodeDecodeError) -> SourceError:
+    """The error for a listing that met a name which is not UTF-8: Arrow cannot name such a file at all (not even
+    to list it), so it could be neither read nor reported as an error row."""
+    name = bytes(e.object).decode("utf-8", "backslashreplace")
+    return SourceError(f"a name under {describe(fs, root)} is not UTF-8 text: {name}; rename it (or move it out of "
+                       "the source)")
+
+
 def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
     return path.lower().rsplit(".", 1)[-1] in extensions if "." in posixpath.basename(path) else False
 
@@ -149,17 +158,50 @@ def list_shards(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> list[str
     except OSError as e:
         raise StorageError(f"cannot list {describe(fs, root)}: {e}") from e
     prefix = root.rstrip("/") + "/"
-    shards = sorted(
-        i.path for i in infos
-        if i.type == pafs.FileType.File
-        and _has_extension(i.path, extensions)
-        and not _skipped(i.path[len(prefix):] if i.path.startswith(prefix) else posixpath.basename(i.path))
-    )
+    try:
+        shards = sorted(
+            i.path for i in infos
+            if i.type == pafs.FileType.File
+            and _has_extension(i.path, extensions)
+            and not _skipped(i.path[len(prefix):] if i.path.startswith(prefix) else posixpath.basename(i.path))
+        )
+    except UnicodeDecodeError as e:
+        raise undecodable_name(fs, root, e) from None
     if not shards:
         raise SourceError(
             f"no {spec.format} shards (*.{' / *.'.join(extensions)}) under {describe(fs, root)}"
         )
     return shards
+
+
+# --- reading (runs in Ray workers) -----------------------------------------------------------------------------------
+
+# Why a listed file may not open that says nothing about the storage as a whole: it is gone since the listing, a
+# directory, or not ours to read. Anything else (a network or service error) propagates for Ray to retry the read,
+# rather than becoming an error row that a rerun would not take back.
+_FILE_OPEN_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class Unopened:
+    """Stands in for a file that could not be opened, where Ray's reader expects an open one: the format's
+    ``_read_stream`` turns it into one error row, so one such file does not fail its read task and the job."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __enter__(self) -> Unopened:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def open_or_unopened(open_file: Callable[[], Any], what: str) -> Any:
+    """``open_file()``, or an :class:`Unopened` saying why when the file itself cannot be opened."""
+    try:
+        return open_file()
+    except _FILE_OPEN_ERRORS as e:
+        return Unopened(f"{what} cannot be opened ({type(e).__name__})")
 
 
 # --- per-block helpers (run in Ray workers; plain functions so they pickle) ----------------------------------------
@@ -199,8 +241,8 @@ def _labels(column: pa.ChunkedArray | pa.Array | None, n: int) -> pa.Array:
     if pa.types.is_signed_integer(column.type):  # the usual case, in Arrow
         labels = pc.fill_null(pc.cast(column, pa.int64()), -1)
         return pc.if_else(pc.less(labels, 0), -1, labels)
-    # Only the first shard's schema is checked: a later one may hold unsigned, float (an integer column with gaps,
-    # as pandas writes it) or text labels.
+    # Unsigned, float (an integer column with gaps, as pandas writes it) or, where shards differ in that, text (see
+    # parquet._read_schema) labels.
     return pa.array([label_value(v) for v in column.to_pylist()], type=pa.int64())
 
 

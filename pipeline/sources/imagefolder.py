@@ -16,10 +16,13 @@ from pipeline.sources.base import (
     SourceError,
     SourceInfo,
     SourceSpec,
+    Unopened,
     _as_binary,
     _cap_images,
     _relative_array,
     _skipped,
+    open_or_unopened,
+    undecodable_name,
 )
 from pipeline.storage import StorageError, check_readable, describe
 
@@ -40,9 +43,12 @@ def reader(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo
     import ray.data
     from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
 
-    datasource = _capped_binary_datasource()(
-        info.root, max_bytes=spec.max_image_bytes, filesystem=fs, include_paths=True,
-        file_extensions=list(IMAGE_EXTENSIONS), meta_provider=DefaultFileMetadataProvider())
+    try:  # Ray lists the tree here
+        datasource = _capped_binary_datasource()(
+            info.root, max_bytes=spec.max_image_bytes, filesystem=fs, include_paths=True,
+            file_extensions=list(IMAGE_EXTENSIONS), meta_provider=DefaultFileMetadataProvider())
+    except UnicodeDecodeError as e:
+        raise undecodable_name(fs, info.root, e) from None
     ds = ray.data.read_datasource(datasource)
     return ds, _normalise_imagefolder, {"root": info.root, "classes": info.classes,
                                         "max_image_bytes": spec.max_image_bytes}
@@ -53,10 +59,13 @@ def _list_classes(fs: pafs.FileSystem, root: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     except OSError as e:
         raise StorageError(f"cannot list {describe(fs, root)}: {e}") from e
-    return sorted(
-        posixpath.basename(i.path.rstrip("/")) for i in infos
-        if i.type == pafs.FileType.Directory and not _skipped(posixpath.basename(i.path.rstrip("/")))
-    )
+    try:
+        return sorted(
+            posixpath.basename(i.path.rstrip("/")) for i in infos
+            if i.type == pafs.FileType.Directory and not _skipped(posixpath.basename(i.path.rstrip("/")))
+        )
+    except UnicodeDecodeError as e:
+        raise undecodable_name(fs, root, e) from None
 
 
 def _capped_binary_datasource() -> type:
@@ -69,11 +78,17 @@ def _capped_binary_datasource() -> type:
             super().__init__(paths, **kwargs)
             self.max_bytes = max_bytes
 
-        def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-            data = f.read(self.max_bytes + 1)
-            error = None
-            if len(data) > self.max_bytes:
-                data, error = None, f"image too large (file past {self.max_bytes} bytes)"
+        def _open_input_source(self, filesystem: pafs.FileSystem, path: str, **open_args: Any) -> Any:
+            return open_or_unopened(lambda: super(CappedBinaryDatasource, self)._open_input_source(
+                filesystem, path, **open_args), "file")
+
+        def _read_stream(self, f: pa.NativeFile | Unopened, path: str) -> Iterator[pa.Table]:
+            if isinstance(f, Unopened):
+                data, error = None, f.reason
+            else:
+                data, error = f.read(self.max_bytes + 1), None
+                if len(data) > self.max_bytes:
+                    data, error = None, f"image too large (file past {self.max_bytes} bytes)"
             yield pa.table({"bytes": pa.array([data], pa.binary()), "__error__": pa.array([error], pa.string())})
 
     return CappedBinaryDatasource

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,27 +36,33 @@ if TYPE_CHECKING:
 # Row hashes that decode to a row index beyond this mean Ray changed its hash; keys then fall back to the hash.
 _MAX_PLAUSIBLE_ROW = 1 << 40
 
+# The columns Ray's Parquet reader adds (include_paths, include_row_hash), over any file column of the same name.
+_READER_COLUMNS = ("path", "row_hash")
+
+_FOOTER_THREADS = 32  # footers read at once by inspect: object stores answer many small reads in parallel
+
 
 def inspect(spec: SourceSpec, fs: pafs.FileSystem, root: str) -> SourceInfo:
-    """Access, shards, and the first shard's schema: image, key and label columns and their types."""
+    """Access, shards, and every shard's schema (footers only): image, key and label columns and their types, and
+    the schema the read asks every shard for (``SourceInfo.read_schema``)."""
+    for option, name in (("image_column", spec.image_column), ("key_column", spec.key_column),
+                         ("label_column", spec.label_column)):
+        if name in _READER_COLUMNS:
+            # Ray's reader adds (and overwrites) these; selecting the name twice would fail the plan after preflight
+            raise SourceError(
+                f"source.{option} {name!r} is also a column Ray's Parquet reader adds ({', '.join(_READER_COLUMNS)}): "
+                "rename the column in the shards" + (", or set key_column to None to use file:row keys"
+                                                     if option == "key_column" else "")
+            )
     info = SourceInfo(root=root, shards=list_shards(spec, fs))
     first = info.shards[0]
-    try:
-        schema = pq.read_schema(first, filesystem=fs)
-    except (OSError, ValueError) as e:
-        raise SourceError(f"cannot read the Parquet schema of {describe(fs, first)}: {e}") from e
+    schema = _shard_schema(fs, first)
     names = schema.names
     if spec.image_column not in names:
         raise SourceError(
             f"image column {spec.image_column!r} not found in {describe(fs, first)} (columns: {', '.join(names)})"
         )
-    image_type = schema.field(spec.image_column).type
-    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
-            or pa.types.is_binary_view(image_type)):
-        raise SourceError(
-            f"image column {spec.image_column!r} in {describe(fs, first)} has type {image_type}; expected binary "
-            "(encoded PNG/JPEG/WebP bytes)"
-        )
+    _check_image_type(spec, fs, first, schema.field(spec.image_column).type)
     if spec.label_column and spec.label_column in names:
         label_type = schema.field(spec.label_column).type
         if not pa.types.is_integer(label_type):
@@ -65,25 +72,121 @@ def inspect(spec: SourceSpec, fs: pafs.FileSystem, root: str) -> SourceInfo:
             )
         info.has_label = True
     if spec.key_column and spec.key_column in names:
-        key_type = schema.field(spec.key_column).type
-        if spec.key_column == "key" and not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
-            # The resume filter compares the reader's ids with the written ones, so the native column must keep
-            # its type; a non-string column called "key" would collide with the normalised string key.
-            raise SourceError(
-                f"key column 'key' in {describe(fs, first)} has type {key_type}; a column named 'key' must hold "
-                "strings (rename it, or set key_column to None to use file:row keys)"
-            )
-        if not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type) or pa.types.is_integer(key_type)):
-            # a null key gets a stand-in id of the column's own type (see _fill_missing_keys): text or integers
-            raise SourceError(
-                f"key column {spec.key_column!r} in {describe(fs, first)} has type {key_type}; a key column must "
-                "hold strings or integers (or set key_column to None to use file:row keys)"
-            )
+        _check_key_type(spec, fs, first, schema.field(spec.key_column).type)
         info.has_key = True
         info.id_column = spec.key_column
     else:
         info.id_column = "row_hash"
+    info.read_schema = _read_schema(spec, fs, info, schema)
     return info
+
+
+def _shard_schema(fs: pafs.FileSystem, shard: str) -> pa.Schema:
+    try:
+        return pq.read_schema(shard, filesystem=fs)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot read the Parquet schema of {describe(fs, shard)}: {e}") from e
+
+
+def _check_image_type(spec: SourceSpec, fs: pafs.FileSystem, shard: str, image_type: pa.DataType) -> None:
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
+            or pa.types.is_binary_view(image_type)):
+        raise SourceError(
+            f"image column {spec.image_column!r} in {describe(fs, shard)} has type {image_type}; expected binary "
+            "(encoded PNG/JPEG/WebP bytes)"
+        )
+
+
+def _check_key_type(spec: SourceSpec, fs: pafs.FileSystem, shard: str, key_type: pa.DataType) -> None:
+    if spec.key_column == "key" and not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
+        # The resume filter compares the reader's ids with the written ones, so the native column must keep
+        # its type; a non-string column called "key" would collide with the normalised string key.
+        raise SourceError(
+            f"key column 'key' in {describe(fs, shard)} has type {key_type}; a column named 'key' must hold "
+            "strings (rename it, or set key_column to None to use file:row keys)"
+        )
+    if not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type) or pa.types.is_integer(key_type)):
+        # a null key gets a stand-in id of the column's own type (see _fill_missing_keys): text or integers
+        raise SourceError(
+            f"key column {spec.key_column!r} in {describe(fs, shard)} has type {key_type}; a key column must "
+            "hold strings or integers (or set key_column to None to use file:row keys)"
+        )
+    if key_type == pa.uint64():
+        # Integer keys travel as int64 (_fill_missing_keys): one past 2**63 would fail every block it is in, and
+        # wrapping it would collide with the negative stand-ins of null keys.
+        raise SourceError(
+            f"key column {spec.key_column!r} in {describe(fs, shard)} has type uint64, which int64 ids cannot hold: "
+            "cast the column to int64 or string, or set key_column to None to use file:row keys"
+        )
+
+
+def _read_schema(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo, first_schema: pa.Schema) -> pa.Schema:
+    """The image, key and label columns with one type each that every shard's column casts to; given to the read,
+    so that a shard lacking a column reads it as nulls (a ``missing key`` / ``missing image`` error row, label -1)
+    instead of failing its read task. Reads every other shard's footer, in parallel: a shard whose footer cannot
+    be read or whose column types do not fit the first shard's is refused here, named, before any work (Ray would
+    otherwise fail the job on it, or on a later shard than its schema sample reaches, mid-way)."""
+    columns = [spec.image_column]
+    columns += [spec.key_column] if info.has_key else []
+    columns += [spec.label_column] if info.has_label else []
+    rest = info.shards[1:]
+    schemas = [first_schema]
+    if rest:
+        with ThreadPoolExecutor(min(_FOOTER_THREADS, len(rest))) as pool:
+            schemas += pool.map(lambda shard: _shard_schema(fs, shard), rest)
+    types: dict[str, list[pa.DataType]] = {c: [] for c in columns}
+    first = info.shards[0]
+    for shard, schema in zip(info.shards, schemas, strict=True):
+        for column in columns:
+            index = schema.get_field_index(column)
+            column_type = schema.field(index).type if index >= 0 else pa.null()
+            if pa.types.is_null(column_type):
+                continue  # absent or all null: read as nulls
+            if column == spec.image_column:
+                _check_image_type(spec, fs, shard, column_type)
+            elif column == spec.key_column:
+                _check_key_type(spec, fs, shard, column_type)
+            if column == spec.label_column:  # any numbers: what is no class id reads as -1 (see _labels)
+                fits = pa.types.is_integer(column_type) or pa.types.is_floating(column_type)
+            else:
+                fits = _type_kind(column_type) == _type_kind(first_schema.field(column).type)
+            if not fits:
+                raise SourceError(
+                    f"the Parquet shards under {describe(fs, info.root)} disagree on a column's type: {column!r} is "
+                    f"{column_type} in {describe(fs, shard)} but {first_schema.field(column).type} in "
+                    f"{describe(fs, first)}; rewrite the odd shards with the first shard's types, or point source.uri "
+                    "at one kind"
+                )
+            types[column].append(column_type)
+    fields = []
+    for column in columns:
+        present = set(types[column])  # the first shard's type at least: inspect refused a null one there
+        if len(present) == 1:
+            column_type = present.pop()
+        elif column == spec.image_column:
+            column_type = pa.large_binary()
+        elif column == spec.key_column:
+            column_type = pa.int64() if _type_kind(next(iter(present))) == "integer" else pa.large_string()
+        elif all(pa.types.is_signed_integer(t) or (pa.types.is_unsigned_integer(t) and t.bit_width < 64)
+                 for t in present):
+            column_type = pa.int64()
+        else:
+            # unsigned 64-bit or float labels beside others: text holds every value, _labels reads each one
+            column_type = pa.string()
+        fields.append(pa.field(column, column_type))
+    return pa.schema(fields)
+
+
+def _type_kind(t: pa.DataType) -> str:
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "text"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return "binary"
+    return str(t)
 
 
 def reader(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo
@@ -93,13 +196,9 @@ def reader(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo
     # At least one read task per shard: Ray would pack small shards into one task and so one block, and then
     # the whole dataset moves through purify and lands in the output as a single late write.
     # The row hash also with a key column: it names a row whose key is null (see _fill_missing_keys).
-    try:
-        ds = ray.data.read_parquet(info.shards, filesystem=fs, include_paths=True, include_row_hash=True,
-                                   override_num_blocks=len(info.shards))
-    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:  # Ray unifies the shards' schemas up front
-        raise SourceError(f"the Parquet shards under {describe(fs, info.root)} disagree on a column's type ({e}); "
-                          "rewrite the odd shards with the first shard's types, or point source.uri at one kind"
-                          ) from None
+    # The schema inspect checked every shard against, so that no shard's own schema decides the columns or types.
+    ds = ray.data.read_parquet(info.shards, filesystem=fs, schema=info.read_schema, include_paths=True,
+                               include_row_hash=True, override_num_blocks=len(info.shards))
     columns = [spec.image_column, "path"]
     columns += [spec.key_column, "row_hash"] if info.has_key else ["row_hash"]
     columns += [spec.label_column] if info.has_label else []

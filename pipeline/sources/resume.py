@@ -109,8 +109,10 @@ def duplicate_keys(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> dict[
         return info.duplicates
     import pyarrow.dataset as pads
 
+    # the read's own key type: without it the first shard's type decides, and another shard's may not cast to it
+    schema = pa.schema([info.read_schema.field(spec.key_column)]) if info.read_schema is not None else None
     try:
-        column = pads.dataset(info.shards, filesystem=fs, format="parquet").to_table(
+        column = pads.dataset(info.shards, filesystem=fs, format="parquet", schema=schema).to_table(
             columns=[spec.key_column])[spec.key_column]
     except (OSError, ValueError) as e:
         raise SourceError(f"cannot read the key column {spec.key_column!r} under {describe(fs, info.root)}: {e}"

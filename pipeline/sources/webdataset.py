@@ -20,10 +20,12 @@ from pipeline.sources.base import (
     SourceError,
     SourceInfo,
     SourceSpec,
+    Unopened,
     _has_extension,
     _relative_array,
     label_value,
     list_shards,
+    open_or_unopened,
 )
 from pipeline.storage import describe
 
@@ -100,7 +102,7 @@ def _wds_samples(stream: object, url: str, max_member_bytes: int) -> Iterator[di
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
-                match = _WDS_NAME.match(member.name) if member.isreg() else None
+                match = _WDS_NAME.match(_utf8(member.name)) if member.isreg() else None
                 if match is None:
                     continue
                 prefix, suffix = match.group(1), match.group(2)
@@ -135,6 +137,17 @@ def _wds_samples(stream: object, url: str, max_member_bytes: int) -> Iterator[di
         yield _finish(current)
 
 
+def _utf8(name: str) -> str:
+    """A member name as text Arrow can hold: tarfile keeps bytes that are not UTF-8 as lone surrogates, which no
+    Arrow string (nor column name) takes; they become ``\\xNN`` escapes, so the sample is read under that name."""
+    if name.isascii():
+        return name
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that did not come from a byte (a PAX header may spell one)
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _finish(sample: dict) -> dict:
     sample.pop("__base__", None)
     return sample
@@ -156,7 +169,14 @@ def _webdataset_datasource() -> type:
             super().__init__(paths, **kwargs)
             self.max_member_bytes = max_member_bytes
 
+        def _open_input_source(self, filesystem: pafs.FileSystem, path: str, **open_args: Any) -> Any:
+            return open_or_unopened(lambda: super(TolerantWebDatasetDatasource, self)._open_input_source(
+                filesystem, path, **open_args), "shard")
+
         def _read_stream(self, stream: object, path: str) -> Iterator[pa.Table]:
+            if isinstance(stream, Unopened):  # one row says so, as for a tar that breaks mid-way
+                yield _rows_table([{"__key__": "~unreadable", "__url__": path, "__error__": stream.reason}])
+                return
             rows: list[dict] = []
             for sample in _wds_samples(stream, path, self.max_member_bytes):
                 rows.append(sample)
