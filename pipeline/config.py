@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.audit.thresholds import Thresholds
 from pipeline.paths import shipped_path
+from pipeline.storage import redact_userinfo
 
 
 class _Section(BaseModel):
@@ -133,7 +134,8 @@ class AuditConfig(_Section):
     thresholds: Thresholds = Field(default_factory=Thresholds)  # known keys and ranges: pipeline/audit/thresholds.py
     # About N images, drawn as source.sample_fraction = N / the source's rows (Parquet, image folders: counted up
     # front): the same rows on every run while the source is unchanged (see audit.run.draw_sample for a growing
-    # one); a WebDataset source, which cannot be counted, needs the fraction.
+    # one); a WebDataset source, which cannot be counted, needs the fraction. With a fraction, N caps it by
+    # narrowing the hash range where the rows can be counted.
     sample: int | None = Field(default=None, ge=1, le=10**9)
 
 
@@ -169,7 +171,27 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {dotted!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw)  # typed like YAML: 3 -> int, true -> bool, [a, b] -> list
+    try:
+        node[leaf] = yaml.safe_load(raw)  # typed like YAML: 3 -> int, true -> bool, [a, b] -> list
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {dotted!r}: its value is not valid YAML ({_yaml_problem(e)})") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    # The problem and its position only: the full message quotes the offending text, which may hold a secret.
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
+
+
+def _validate(tree: dict) -> JobConfig:
+    """Validate once; the errors name each field and why, never the value given (a URI may carry credentials)."""
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                             for err in e.errors(include_input=False, include_url=False))
+        raise ValueError(redact_userinfo(f"invalid config: {problems}")) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -177,7 +199,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         p = shipped_path(path)
-        tree = yaml.safe_load(p.read_text()) or {}
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(tree, dict):
             raise ValueError(f"{path}: a job config must be a YAML mapping")
     for item in overrides:
@@ -185,4 +210,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), raw)
-    return JobConfig.model_validate(tree)
+    return _validate(tree)

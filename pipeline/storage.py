@@ -94,19 +94,42 @@ def _is_local(scheme: str) -> bool:
     return scheme in ("", "file", "local") or len(scheme) == 1
 
 
+# Object stores whose URI is scheme://bucket/key: a key may hold "#" and "?" (the AWS CLI takes them literally), so
+# these are split by hand, never by urlparse, which would cut the key there and read or write another prefix.
+_BUCKET_SCHEMES = ("s3", "s3a", "gs", "gcs")
+# Azure: abfs[s]://container@account.dfs.core.windows.net/path; there the "@" names the container, not a user.
+_AZURE_SCHEMES = ("abfs", "abfss")
+# Schemes whose filesystem takes the path alone, the host being the service (what pyarrow's from_uri returns).
+_HOST_SCHEMES = ("hdfs", "viewfs")
+
+
 def uri_path(uri_or_path: str) -> str:
     """The path a pyarrow filesystem expects for a URI, without building a client: ``s3://b/p/`` -> ``b/p``,
-    a local path -> its absolute form."""
+    ``hdfs://nn:8020/d`` -> ``/d``, ``abfs://c@acct.dfs.core.windows.net/p`` -> ``c/p``, a local path -> its
+    absolute form."""
     if not uri_or_path:
         raise StorageError("empty path or URI")
-    _refuse_userinfo(uri_or_path, "storage URI")
-    parsed = urlparse(uri_or_path)
-    scheme = parsed.scheme.lower()
+    scheme, sep, rest = uri_or_path.partition("://")
+    scheme = scheme.lower() if sep else ""
+    if scheme not in _AZURE_SCHEMES:
+        _refuse_userinfo(uri_or_path, "storage URI")
     if _is_local(scheme):
-        path = parsed.path if scheme in ("file", "local") else uri_or_path
+        path = uri_or_path
+        if scheme in ("file", "local"):  # file:///a#b is the file "/a#b"; file://host/a is "/a"
+            path = rest if rest.startswith("/") else "/" + rest.partition("/")[2]
         return os.path.abspath(os.path.expanduser(path))
+    if scheme in _BUCKET_SCHEMES:
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise StorageError(f"no bucket in {uri_or_path!r}: expected {scheme}://bucket/prefix")
+        return f"{bucket}/{key.strip('/')}".rstrip("/")
+    parsed = urlparse(uri_or_path)
     if not parsed.netloc:
         raise StorageError(f"no bucket or host in {uri_or_path!r}: expected {scheme}://bucket/prefix")
+    if scheme in _HOST_SCHEMES:
+        return parsed.path.rstrip("/") or "/"
+    if scheme in _AZURE_SCHEMES and "@" in parsed.netloc:
+        return f"{parsed.netloc.split('@', 1)[0]}/{parsed.path.strip('/')}".rstrip("/")
     return f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
 
 
@@ -120,13 +143,15 @@ def resolve_filesystem(
     ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, then ``us-east-1`` with a custom endpoint, else the bucket's own region.
     """
     path = uri_path(uri_or_path)
-    scheme = urlparse(uri_or_path).scheme.lower()
+    scheme = uri_or_path.partition("://")[0].lower() if "://" in uri_or_path else ""
     if _is_local(scheme):
         return pafs.LocalFileSystem(), path
     if scheme in ("s3", "s3a"):
         return _s3_filesystem(path.split("/", 1)[0], endpoint_url, region), path
     try:
-        return pafs.FileSystem.from_uri(uri_or_path)
+        fs, theirs = pafs.FileSystem.from_uri(uri_or_path)
+        # a bucket store's key as written (from_uri cuts it at "#" or "?"); elsewhere the filesystem's own view
+        return fs, path if scheme in _BUCKET_SCHEMES else theirs
     except (ValueError, TypeError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
         # not chained: pyarrow's message repeats the URI unmasked, and a traceback would print it
         raise StorageError(f"unsupported URI {uri_or_path!r}: {e}") from None
