@@ -205,20 +205,21 @@ def test_without_originals_and_empty_output(tmp_path: Path) -> None:
     empty = make_output().slice(0, 0)
     report = build_report(empty, tmp_path / "b", thresholds={"max_flip_rate": 0.1, "min_rows": 1})
     assert report["rows"] == 0 and report["flip_rate"] is None and report["most_replaced"] == []
-    assert len(report["alerts"]) == 2  # an audit that saw nothing must not pass
+    assert len(report["alerts"]) == 1 and "nothing was measured" in report["alerts"][0]  # it must not pass
     assert (tmp_path / "b" / "report.html").exists()
 
-    # Every row an error (the black box timed out throughout): no threshold may pass on what was not measured,
-    # the shipped audit config's single class threshold included.
+    # Every row an error (the black box timed out throughout): the audit alerts whatever its thresholds, none
+    # included, so that it neither passes nor becomes the next run's baseline.
     failed = make_output().slice(0, 50)
     failed = failed.set_column(failed.column_names.index("error"), "error", pa.array(["black box: timeout"] * 50))
-    shipped = {"max_class_replaced_rate": 0.3}
-    report = build_report(failed, tmp_path / "c", thresholds=shipped)
-    assert report["valid_rows"] == 0 and len(report["alerts"]) == 1 and "cannot be measured" in report["alerts"][0]
+    for thresholds in ({"max_class_replaced_rate": 0.3}, {}, None):
+        report = build_report(failed, tmp_path / "c", thresholds=thresholds)
+        assert report["valid_rows"] == 0 and report["alerts"] == [
+            "nothing was measured: no valid row (50 rows, 50 of them errors)"], report["alerts"]
     previous = json.loads((tmp_path / "a" / "report.json").read_text())
     report = build_report(failed, tmp_path / "d", previous=previous,
                           thresholds={"max_flip_rate_increase": 0.05, "min_rows": 1})
-    assert len(report["alerts"]) == 2 and any("flip rate increase cannot be measured" in a for a in report["alerts"])
+    assert len(report["alerts"]) == 1 and "nothing was measured" in report["alerts"][0]
     # ... while a run after such a one (whose flip rate is null) only has no trend to check
     after = build_report(make_output(), tmp_path / "e", thresholds={"max_flip_rate_increase": 0.05},
                          previous=json.loads((tmp_path / "d" / "report.json").read_text()))

@@ -670,8 +670,9 @@ else:
         ("", "Failed", "", 1, True),  # e.g. the RayJob's activeDeadlineSeconds
         ("", "ValidationFailed", "", 1, True),  # ends the wait instead of polling forever
         ("", "Suspended", "", 1, True),
-        ("bbpurify-audit-old=Complete\nbbpurify-audit-prev=Running\n", "", "", 0, False),  # still running: skip
-        ("bbpurify-audit-new=\n", "", "", 0, False),  # created, not yet seen by the operator: running
+        # Still running: skip, and fail (this run audited nothing; a RayJob stuck there must not look green).
+        ("bbpurify-audit-old=Complete\nbbpurify-audit-prev=Running\n", "", "", 1, False),
+        ("bbpurify-audit-new=\n", "", "", 1, False),  # created, not yet seen by the operator: running
         # Stuck RayJobs never leave these states: they must not make every later run skip.
         ("bbpurify-audit-old=ValidationFailed\n", "Complete", "SUCCEEDED", 0, True),
         ("bbpurify-audit-old=Suspended\nbbpurify-audit-x=Failed\n", "Complete", "SUCCEEDED", 0, True),
@@ -848,6 +849,31 @@ def test_cluster_launcher_gives_every_node_s3_access() -> None:
     readme = (CLUSTER / "README.md").read_text()
     for t in config["available_node_types"].values():
         assert t["node_config"]["IamInstanceProfile"]["Name"] in readme, "README section 7 creates each profile"
+
+
+def test_cluster_launcher_hands_the_token_to_the_container_not_to_a_runtime_env(tmp_path: Path) -> None:
+    """Ray logs a job's runtime env on every node and shows it in `ray job list`: the token goes from SSM to an
+    owner-only env file on each host, and docker passes that file to the container. The node command runs here
+    against a stand-in `aws` that answers like the real one."""
+    config = yaml.safe_load(LAUNCHER.read_text())
+    (init,) = config["initialization_commands"]
+    env_file = next(o.split(" ", 1)[1] for o in config["docker"]["run_options"] if o.startswith("--env-file "))
+    assert env_file in init and "--with-decryption" in init
+    readme = (CLUSTER / "README.md").read_text()
+    assert '"env_vars": {"BB_TOKEN"' not in readme and "aws ssm put-parameter" in readme
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    aws = bin_dir / "aws"
+    aws.write_text("#!/bin/sh\n[ -n \"$FAKE_TOKEN\" ] && printf '%s\\n' \"$FAKE_TOKEN\" || exit 254\n")
+    aws.chmod(0o755)
+    target = tmp_path / "secrets.env"
+    command = init.replace(env_file, str(target))
+    for token, want in (("tok/en+9==", "BB_TOKEN=tok/en+9==\n"), ("", "BB_TOKEN=\n")):  # absent: an empty token
+        env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_TOKEN": token}
+        proc = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert target.read_text() == want and (target.stat().st_mode & 0o077) == 0
+        target.unlink()
 
 
 def _dockerfile_steps() -> list[str]:

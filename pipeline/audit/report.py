@@ -319,11 +319,16 @@ def _summarize(table: pa.Table, class_names: Sequence[str] | None, top_k: int) -
 def evaluate_thresholds(report: dict, thresholds: Thresholds | dict | None) -> list[str]:
     """Human-readable alerts for every threshold the report crosses; empty when all is well.
 
-    A rate that cannot be measured (no rows, no valid rows) is itself an alert when a threshold asks for it:
-    an audit that saw nothing must not pass.
+    A rate that cannot be measured (no rows, no valid rows) is itself an alert when a threshold asks for it, and an
+    audit with no valid row at all alerts whatever its thresholds: an audit that saw nothing must not pass (nor
+    become the next run's baseline).
     """
     t = parse_thresholds(thresholds)
     alerts: list[str] = []
+    if not report.get("valid_rows", report.get("rows", 0)):
+        # the one alert that says it all: each threshold's own "cannot be measured" would only repeat it
+        return [f"nothing was measured: no valid row ({report.get('rows', 0)} rows, {report.get('errors', 0)} of "
+                "them errors)"]
 
     def check(value: float | None, limit: float, what: str, key: str) -> None:
         if value is None:

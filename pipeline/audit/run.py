@@ -84,11 +84,13 @@ def _clear_output(uri: str, endpoint_url: str | None) -> None:
 
 def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
     """Turn the audit's `sample` (about N rows) into the source's stable hash sample, on `cfg` in place, and return
-    how the rows are drawn, for the report. A fraction the config already names is kept, with N as a cap.
+    how the rows are drawn, for the report.
 
     The fraction is N / the rows the source holds now: the same rows on every run while the source is unchanged; as
     it grows, the fraction shrinks and the sample keeps the rows of lowest hash (most of the previous sample) plus
-    new rows at the same rate as old ones. A fixed `source.sample_fraction` keeps every sampled row instead."""
+    new rows at the same rate as old ones. A fixed `source.sample_fraction` keeps every sampled row instead; N then
+    caps it by narrowing the fraction (the rows of lowest hash: a subset of that sample, the same on every run), or
+    is not applied where the source cannot be counted. Never by `source.limit`, which keeps the rows read first."""
     from pipeline.job import source_spec
     from pipeline.sources import FOOTERS_FOR_SAMPLE, row_count
 
@@ -96,18 +98,23 @@ def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
     if sample is not None and sample < 1:
         raise AuditError(f"the audit sample must be at least 1 row, got {sample}")
     rows = None
-    if sample and s.sample_fraction is None:
+    asked = s.sample_fraction
+    if sample:
         rows = row_count(source_spec(cfg), list_images=True, max_footers=FOOTERS_FOR_SAMPLE)
+    if sample and asked is None:
         if rows is None:
             raise AuditError(f"audit.sample={sample} needs the source's row count, which is not known up front here "
                              f"(a WebDataset source, or Parquet past {FOOTERS_FOR_SAMPLE} shards or with unreadable "
                              "footers): set source.sample_fraction instead (e.g. source.sample_fraction=0.01 audits "
                              "about 1% of the rows, the same ones every run)")
         s.sample_fraction = min(1.0, sample / rows) if rows else 1.0
-    elif sample:
-        s.limit = min(s.limit or sample, sample)
+    elif sample and rows is None:
+        log.warning("audit.sample=%d is not applied: the source's rows cannot be counted up front, so "
+                    "source.sample_fraction=%g alone draws the sample", sample, asked)
+    elif sample and rows * asked > sample:
+        s.sample_fraction = sample / rows
     return {"rows_asked": sample, "source_rows": rows, "fraction": s.sample_fraction, "seed": s.sample_seed,
-            "limit": s.limit}
+            "limit": s.limit, **({"fraction_asked": asked} if asked is not None else {})}
 
 
 def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | None = None,
