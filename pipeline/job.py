@@ -444,10 +444,14 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
         if cfg.output.resume:
             log.warning("source has no unique id column: this job cannot resume; a rerun reprocesses every row")
 
-    before = count_output(fs_out, out_path)
-    cpus_free = ray.available_resources().get("CPU", 0.0)
-    t0 = time.time()
-    service = start_blackbox(cfg)
+    try:
+        before = count_output(fs_out, out_path)
+        cpus_free = ray.available_resources().get("CPU", 0.0)
+        t0 = time.time()
+        service = start_blackbox(cfg)
+    except BaseException:
+        ctx.checkpoint_config = None  # the next Ray Data job in this process must not inherit it
+        raise
     try:
         params = dict(cfg.purify.params)
         if gate_spec:

@@ -31,6 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.storage import StorageError, describe
+
 log = logging.getLogger(__name__)
 PENDING_SUFFIX = ".pending.parquet"  # Ray's two-phase commit: not yet committed, Ray cleans these itself
 DUPLICATE_KEY = "duplicate key"  # how the error of a row whose key repeats in the source begins
@@ -53,6 +55,16 @@ def _parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
                   and _visible(i.path[len(root) + 1:]))
 
 
+def _schema_names(fs: pafs.FileSystem, path: str) -> list[str]:
+    try:
+        return pq.read_schema(path, filesystem=fs).names
+    except (pa.ArrowInvalid, OSError) as e:
+        # before any work and naming the file: pyarrow's own message does neither
+        raise StorageError(f"output file {describe(fs, path)} is not a readable Parquet file ({e}): an output "
+                           "folder holds only its job's files; move this one away or choose another output.uri"
+                           ) from None
+
+
 def _rewrite(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     parent, _, name = path.rpartition("/")
     tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -73,18 +85,34 @@ def _release_mask(t: pa.Table, id_column: str, duplicated: pa.Array | None) -> p
     return mask
 
 
+def uncommitted(fs: pafs.FileSystem, out_path: str, checkpoint_path: str) -> set[str]:
+    """Output files of a write whose checkpoint is still pending (a run cut short inside Ray's two-phase commit):
+    Ray's checkpoint filter deletes them before the rerun reads its ids, so their rows do not count as written."""
+    if not _exists(fs, checkpoint_path):
+        return set()
+    pending = [p.rsplit("/", 1)[-1][:-len(PENDING_SUFFIX)] for p in _parquet_files(fs, checkpoint_path)
+               if p.endswith(PENDING_SUFFIX)]
+    if not pending:
+        return set()
+    return {p for p in _parquet_files(fs, out_path) if p.rsplit("/", 1)[-1].startswith(tuple(pending))}
+
+
 def released_ids(fs: pafs.FileSystem, out_path: str, id_column: str,
-                 duplicated_keys: Mapping[str, int] | None = None) -> pa.Array:
+                 duplicated_keys: Mapping[str, int] | None = None, skip: set[str] | frozenset = frozenset()
+                 ) -> pa.Array:
     """The ids to process again: those of retryable error rows and of rows whose "duplicate key" verdict no longer
     matches the source (see _release_mask), and every repeated key (``duplicated_keys``: key -> rows of the source
     that carry it) whose rows the output does not hold exactly: Ray's checkpoint skips an id once any row with it
     is written, so a run cut short (or by a limit) between two rows of a key would otherwise never write the other.
+    `skip`: output files not to read (see `uncommitted`).
     """
     duplicated = None if duplicated_keys is None else pa.array(sorted(duplicated_keys), pa.string())
     ids: list[pa.Array] = []
     written: Counter = Counter()  # rows of each repeated key in the output, by the id's own value
     for path in _parquet_files(fs, out_path):
-        names = pq.read_schema(path, filesystem=fs).names
+        if path in skip:
+            continue
+        names = _schema_names(fs, path)
         if id_column not in names:
             continue
         columns = [id_column] + [c for c in ("retryable", "error") if c in names]
@@ -109,7 +137,8 @@ def release_retryable(fs: pafs.FileSystem, out_path: str, checkpoint_path: str, 
     changed or incomplete repeated keys; ``duplicated_keys``: key -> rows that carry it in the source now, None:
     not checked). Every output row with a released id goes, so that no row is left behind for an id the checkpoint
     no longer holds, which the rerun would write a second time. See the module's docstring."""
-    ids = released_ids(fs, out_path, id_column, duplicated_keys)
+    doomed = uncommitted(fs, out_path, checkpoint_path)
+    ids = released_ids(fs, out_path, id_column, duplicated_keys, skip=doomed)
     if not len(ids):
         return Released(0, 0)
     for path in _parquet_files(fs, checkpoint_path) if _exists(fs, checkpoint_path) else []:
@@ -123,7 +152,7 @@ def release_retryable(fs: pafs.FileSystem, out_path: str, checkpoint_path: str, 
             _rewrite(fs, path, t.filter(keep))
     removed = files = 0
     for path in _parquet_files(fs, out_path):
-        if id_column not in pq.read_schema(path, filesystem=fs).names:
+        if path in doomed or id_column not in _schema_names(fs, path):
             continue
         column = pq.read_table(path, filesystem=fs, columns=[id_column])[id_column]
         if not pc.any(pc.is_in(column, value_set=ids.cast(column.type))).as_py():

@@ -114,6 +114,22 @@ def test_bad_inputs_become_error_rows(ray_local, tmp_path):
     assert by_key["truncated"]["image_png"] is None and by_key["truncated"]["pred_purified"] is None
 
 
+def test_a_stray_file_in_the_output_fails_the_job_up_front_naming_it(ray_local, tmp_path):
+    """Resume reads every output file before the job starts; one that is not Parquet (a note, a half-copied file)
+    stops the job there with a message naming it, and leaves no resume state behind for the next Ray Data job."""
+    from ray.data import DataContext
+
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=1, per_shard=4, fmt="parquet")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.parquet").write_bytes(b"not a parquet file")
+    cfg = load_config(overrides=[f"source.uri={src.root}", f"output.uri={tmp_path / 'out'}", "purify.method=sdedit",
+                                 *FAST])
+    with pytest.raises(StorageError, match=r"notes\.parquet is not a readable Parquet file"):
+        run_sanitize(cfg)
+    assert DataContext.get_current().checkpoint_config is None
+    assert not any(p.suffix == ".parquet" and p.name != "notes.parquet" for p in (tmp_path / "out").rglob("*"))
+
+
 def test_fails_fast_on_wrong_bucket_and_dead_black_box(s3_server, tmp_path):
     src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=1, per_shard=4,
                              fmt="parquet")
