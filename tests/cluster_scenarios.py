@@ -10,8 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.dataset as pads
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipeline.config import load_config
 from pipeline.job import run_sanitize
@@ -23,17 +24,22 @@ DEFAULT_VOTE = ["model.device=cpu", "resources.purify_batch_size=16", "resources
                 "resources.query_batch_size=16"]
 
 
+def _output(out: Path, column: str) -> list:
+    values: list = []
+    for path in sorted(out.glob("*.parquet")):
+        try:
+            values += pq.read_table(path, columns=[column])[column].to_pylist()
+        except pa.ArrowInvalid:  # not one of the job's files (a scenario's stray one)
+            continue
+    return values
+
+
 def keys_in(out: Path) -> list[str]:
-    if not any(out.glob("*.parquet")):
-        return []
-    return pads.dataset(str(out), format="parquet").to_table(columns=["key"])["key"].to_pylist()
+    return _output(out, "key")
 
 
 def errors_in(out: Path) -> int:
-    if not any(out.glob("*.parquet")):
-        return 0
-    t = pads.dataset(str(out), format="parquet").to_table(columns=["error"])
-    return t.num_rows - t["error"].null_count
+    return sum(e is not None for e in _output(out, "error"))
 
 
 def purify_actors_started() -> int:
@@ -113,19 +119,18 @@ def three_nodes(work: Path) -> dict:
     return facts
 
 
-def late_gpu(work: Path, bad_shard: bool = False) -> dict:
+def late_gpu(work: Path, stray_output: bool = False) -> dict:
     """An autoscaling cluster as a job first sees it: no GPU node yet. With `resources.wait_for_nodes_s`, preflight
     waits; a GPU node joins a few seconds later (standing in for the autoscaler) and the job runs on it. With
-    `bad_shard`, a second shard whose label type cannot be unified with the first's ends the job after preflight
-    asked the autoscaler and before the plan runs."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    `stray_output`, a file in the output folder that is not Parquet ends the job after preflight asked the
+    autoscaler (resume reads the output then) and before the plan runs."""
     import ray
     from ray.cluster_utils import Cluster
 
     src = make_fmnist_shards(pafs.LocalFileSystem(), str(work / "src"), n_shards=1, per_shard=12, fmt="parquet")
-    if bad_shard:
-        pq.write_table(pa.table({"key": ["odd"], "image": [b"x"], "label": ["cat"]}), work / "src" / "z.parquet")
+    if stray_output:
+        (work / "out").mkdir()
+        (work / "out" / "notes.parquet").write_bytes(b"not a parquet file")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     ray.init(address=cluster.address, log_to_driver=False)
 
@@ -165,7 +170,7 @@ def late_gpu(work: Path, bad_shard: bool = False) -> dict:
 
 
 SCENARIOS = {"one_gpu": one_gpu, "three_nodes": three_nodes, "late_gpu": late_gpu,
-             "late_gpu_bad_shard": lambda work: late_gpu(work, bad_shard=True)}
+             "late_gpu_stray_output": lambda work: late_gpu(work, stray_output=True)}
 
 if __name__ == "__main__":
     name, workdir = sys.argv[1], Path(sys.argv[2])

@@ -73,9 +73,9 @@ def test_preflight_waits_for_the_autoscaler_when_told_to(tmp_path):
 
 def test_a_job_that_ends_before_its_plan_withdraws_the_autoscaler_request(tmp_path):
     """Preflight asked the autoscaler for a GPU node and got it; the job then fails before Ray Data makes requests
-    of its own (a later shard the first one's schema did not predict). No request may outlive it."""
-    f = scenario("late_gpu_bad_shard", tmp_path)
-    assert "SourceError" in f.get("error", "") and "disagree on a column's type" in f["error"], f
+    of its own (resume finds a file in the output that is not Parquet). No request may outlive it."""
+    f = scenario("late_gpu_stray_output", tmp_path)
+    assert "StorageError" in f.get("error", "") and "not a readable Parquet file" in f["error"], f
     assert any(b.get("GPU") for b in f["asked"] or []) and f["keys"] == []
     assert f["standing_request"] == [], f["standing_request"]
 

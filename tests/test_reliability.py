@@ -628,17 +628,15 @@ def test_training_checkpoint_with_malicious_pickle_is_refused(tmp_path):
 
 
 def test_yaml_config_cannot_run_code(tmp_path):
-    import yaml
-
     marker = tmp_path / "pwned"
     evil = tmp_path / "job.yaml"
     evil.write_text(f"source:\n  uri: !!python/object/apply:os.mkdir ['{marker}']\n")
-    with pytest.raises(yaml.YAMLError, match="python/object/apply"):
+    with pytest.raises(ValueError, match="not valid YAML .*python/object/apply"):
         load_config(evil)
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ValueError, match="not valid YAML"):
         load_config(overrides=[f"source.uri=!!python/object/apply:os.mkdir ['{marker}']"])
     evil.write_text(f"!!python/object/new:os.system [touch {marker}]\n")
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ValueError, match="not valid YAML"):
         load_config(evil)
     assert not marker.exists()
 
