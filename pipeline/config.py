@@ -105,9 +105,9 @@ class ResourcesConfig(_Section):
     # Blocks of at most this size stream through the plan: the unit of progress, of resume and of output files.
     # Ray's default (128 MiB) would hold ~80k small images in one block, written only when the block is done.
     max_block_kib: int = Field(default=4096, ge=16, le=1 << 20)
-    # CPU purification threads; None: the cores the actor can run on (affinity, capped by a container CPU limit).
-    # Several CPU purifiers on one node share those cores: give each its share (OpenMP threads oversubscribed slow
-    # every process down many times over).
+    # CPU purification threads; None: this purifier's share of the cores it can run on (affinity, capped by a
+    # container CPU limit), divided among the live CPU purifiers on the machine before every model call
+    # (pipeline.cores): OpenMP threads oversubscribed slow every process down many times over.
     torch_threads: int | None = Field(default=None, ge=1, le=4096)
 
     @model_validator(mode="after")

@@ -20,11 +20,11 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.cores import CoreShare
 from pipeline.decode import is_empty_error
 from pipeline.heap import release_freed_memory
 
@@ -54,32 +54,6 @@ def check_gpu(device: str, gpu_ids: list[Any]) -> None:
         "supports this torch build (see cluster/README.md), or set model.device=cpu to purify on the CPU on purpose")
 
 
-def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The container's CPU limit in cores (cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), None when unlimited."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return quota / period if quota > 0 and period > 0 else None
-    except (OSError, ValueError):
-        return None
-
-
-def usable_cores() -> int:
-    """The cores this process can really run on: its CPU affinity, capped by a container's CPU limit. os.cpu_count()
-    counts the node's cores, so a pod limited to 4 CPUs on a 64-core node would start 64 threads and be throttled."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
-    return max(1, min(cores, int(quota)) if quota else cores)
-
-
 def _ok_rows(batch: dict[str, np.ndarray]) -> np.ndarray:
     return np.array([is_empty_error(e) for e in batch["error"]], dtype=bool)
 
@@ -98,9 +72,11 @@ class PurifyStage:
 
         self.device = pick_device(device)
         check_gpu(device, ray.get_gpu_ids() if ray.is_initialized() else [])
+        # Ray pins OMP threads to the actor's (fractional) logical CPUs; CPU purification wants its share of the
+        # cores, re-read before each model call since purifiers come and go (pipeline.cores).
+        self._cores = CoreShare() if self.device == "cpu" and not torch_threads else None
         if self.device == "cpu":
-            # Ray pins OMP threads to the actor's (fractional) logical CPUs; CPU purification wants the cores.
-            torch.set_num_threads(torch_threads or usable_cores())
+            torch.set_num_threads(torch_threads or self._cores.threads())
         self.model = load_model(model, self.device)
         built = build_purifier(method, self.model, params, dtype=dtype)
         self._torch, self._step_kind, self._one_pass = torch, PurifyStep, one_pass_steps
@@ -122,6 +98,12 @@ class PurifyStage:
     # -- the model, off the event loop -------------------------------------------------------------------------
     def _purify(self, images: np.ndarray, keys: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
+        if self._cores is not None:
+            threads = self._cores.threads()
+            if threads != self._torch.get_num_threads():
+                log.info("torch threads %d -> %d (CPU purifiers on this machine share its cores)",
+                         self._torch.get_num_threads(), threads)
+                self._torch.set_num_threads(threads)
         with self._torch.inference_mode():
             res = self.purifier(images, keys, seed)
         out = res.uint8(), res.nfe.numpy()

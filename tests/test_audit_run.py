@@ -18,7 +18,7 @@ from pipeline.audit import THRESHOLD_KEYS, ThresholdError, Thresholds, build_rep
 from pipeline.audit.run import AuditError, draw_sample, run_audit
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.sources import SourceSpec, row_count
+from pipeline.sources import SourceSpec, inspect_source, row_count
 from pipeline.storage import StorageError
 from tests.plugins.s3 import make_fmnist_shards
 
@@ -103,7 +103,12 @@ def test_audit_sample_becomes_a_fraction_of_the_whole_source(tmp_path: Path) -> 
     drawn = draw_sample(cfg, 15)
     assert cfg.source.sample_fraction == drawn["fraction"] == 15 / 60 and cfg.source.limit is None
     assert drawn == {"rows_asked": 15, "source_rows": 60, "fraction": 0.25, "seed": 0, "limit": None}
-    assert row_count(SourceSpec(uri=parquet.uri), max_footers=2) is None  # past the cap: not counted
+    spec = SourceSpec(uri=parquet.uri)
+    inspect_source(spec)
+    first = sorted((tmp_path / "pq").rglob("*.parquet"))[0]
+    first.rename(first.with_suffix(".moved"))
+    assert row_count(spec) == 60  # the footers inspect read: counting reads none again
+    first.with_suffix(".moved").rename(first)
     draw_sample(cfg := _cfg(tmp_path, tmp_path / "out", f"source.uri={parquet.uri}"), 500)
     assert cfg.source.sample_fraction == 1.0  # more than the source holds: all of it
 

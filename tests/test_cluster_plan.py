@@ -22,10 +22,11 @@ import pytest
 
 from pipeline.blackbox.base import BUDGET_EXHAUSTED
 from pipeline.config import load_config
+from pipeline.cores import CoreShare, cgroup_cpu_quota, usable_cores
 from pipeline.job import run_sanitize
 from pipeline.placement import PlacementError, PlanDemand, check_placement
 from pipeline.service import split_limits
-from pipeline.stages import GpuMismatchError, cgroup_cpu_quota, check_gpu, usable_cores
+from pipeline.stages import GpuMismatchError, check_gpu
 from tests.plugins.s3 import make_fmnist_shards
 from tests.test_pipeline_e2e import CASCADE, FAST, assert_exactly_once, read_output
 
@@ -255,3 +256,51 @@ def test_cpu_threads_follow_the_cores_a_process_really_has(tmp_path):
     child.start()
     assert queue.get(timeout=60) == 1
     child.join(60)
+
+
+def _member(root: str, queue, stop) -> None:
+    share = CoreShare(Path(root))
+    queue.put(share.members())
+    stop.wait(60)
+
+
+def test_cpu_purifiers_on_one_machine_share_its_cores(tmp_path, ray_local):
+    """Purifiers reserve no logical CPU, so Ray does not divide the cores: each counts the live purifiers on its
+    machine before a model call and takes its share; a member that dies, or whose pid a later process took, stops
+    counting."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue, stop = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_member, args=(str(tmp_path), queue, stop))
+    child.start()
+    assert queue.get(timeout=60) == 1
+    me = CoreShare(tmp_path)
+    assert me.members() == 2
+    assert me.threads() == max(1, usable_cores() // 2)
+    stop.set()
+    child.join(60)
+    assert me.members() == 1 and me.threads() == usable_cores()
+    assert [p.name for p in me.folder.iterdir()] == [str(os.getpid())]  # the dead member's entry is gone
+    (me.folder / str(os.getppid())).write_text("1")  # a live pid that started at another time: a reused pid
+    assert me.members() == 1
+
+    @ray_local.remote(num_cpus=0)
+    class Purifier:
+        def __init__(self, root: str) -> None:
+            self.share = CoreShare(Path(root))
+
+        def threads(self) -> tuple[int, int]:
+            return self.share.members(), self.share.threads()
+
+    actors = [Purifier.remote(str(tmp_path)) for _ in range(2)]
+    ray_local.get([a.threads.remote() for a in actors])  # both registered
+    assert ray_local.get([a.threads.remote() for a in actors]) == [(3, max(1, usable_cores() // 3))] * 2
+    for a in actors:
+        ray_local.kill(a)
+    deadline = time.monotonic() + 30
+    while me.members() != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert me.members() == 1
+    me.close()
+    assert not any(me.folder.iterdir())

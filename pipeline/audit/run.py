@@ -92,7 +92,7 @@ def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
     caps it by narrowing the fraction (the rows of lowest hash: a subset of that sample, the same on every run), or
     is not applied where the source cannot be counted. Never by `source.limit`, which keeps the rows read first."""
     from pipeline.job import source_spec
-    from pipeline.sources import FOOTERS_FOR_SAMPLE, row_count
+    from pipeline.sources import row_count
 
     s = cfg.source
     if sample is not None and sample < 1:
@@ -100,13 +100,12 @@ def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
     rows = None
     asked = s.sample_fraction
     if sample:
-        rows = row_count(source_spec(cfg), list_images=True, max_footers=FOOTERS_FOR_SAMPLE)
+        rows = row_count(source_spec(cfg), list_images=True)
     if sample and asked is None:
         if rows is None:
             raise AuditError(f"audit.sample={sample} needs the source's row count, which is not known up front here "
-                             f"(a WebDataset source, or Parquet past {FOOTERS_FOR_SAMPLE} shards or with unreadable "
-                             "footers): set source.sample_fraction instead (e.g. source.sample_fraction=0.01 audits "
-                             "about 1% of the rows, the same ones every run)")
+                             "(a WebDataset source): set source.sample_fraction instead (e.g. "
+                             "source.sample_fraction=0.01 audits about 1% of the rows, the same ones every run)")
         s.sample_fraction = min(1.0, sample / rows) if rows else 1.0
     elif sample and rows is None:
         log.warning("audit.sample=%d is not applied: the source's rows cannot be counted up front, so "

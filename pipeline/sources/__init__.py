@@ -33,7 +33,6 @@ One module per format (``parquet``, ``webdataset``, ``imagefolder``, each with t
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -101,32 +100,19 @@ def read_source(spec: SourceSpec, fs: pafs.FileSystem | None = None) -> ray.data
     return ds if spec.limit is None else ds.limit(spec.limit)
 
 
-FOOTERS_FOR_COUNT = 2000  # Parquet footers read to count a source's rows for a job's progress line
-FOOTERS_FOR_SAMPLE = 100_000  # ... and for an audit's sample, which needs the count (read 32 at a time)
-
-
-def row_count(spec: SourceSpec, fs: pafs.FileSystem | None = None, *, list_images: bool = False,
-              max_footers: int = FOOTERS_FOR_COUNT) -> int | None:
-    """How many rows the source holds (before any sample or limit), where that is cheap enough to know: Parquet
-    footers (up to `max_footers` shards); with `list_images`, an image folder's files, listed once more for this
-    (Ray lists them again for the read). None where it is not known: WebDataset would need every tar read."""
-    import pyarrow.parquet as pq
-
+def row_count(spec: SourceSpec, fs: pafs.FileSystem | None = None, *, list_images: bool = False) -> int | None:
+    """How many rows the source holds (before any sample or limit), where that is known up front: Parquet, from the
+    footers inspect read; with `list_images`, an image folder's files, listed once more for this (Ray lists them
+    again for the read). None where it is not known: WebDataset would need every tar read."""
     fs, _ = _filesystem(spec, fs)
     if spec.format == "imagefolder":
         return len(list_shards(spec, fs)) if list_images else None
-    shards = inspect_source(spec, fs).shards
-    if spec.format != "parquet" or len(shards) > max_footers:
-        return None
-    try:
-        with ThreadPoolExecutor(min(32, len(shards))) as pool:  # object stores answer many small reads at once
-            return sum(pool.map(lambda path: pq.read_metadata(path, filesystem=fs).num_rows, shards))
-    except (OSError, ValueError):
-        return None
+    rows = inspect_source(spec, fs).shard_rows
+    return None if rows is None else sum(rows)
 
 
 __all__ = [
-    "DEFAULT_MAX_IMAGE_BYTES", "FOOTERS_FOR_COUNT", "FOOTERS_FOR_SAMPLE", "FORMATS", "IMAGE_EXTENSIONS",
+    "DEFAULT_MAX_IMAGE_BYTES", "FORMATS", "IMAGE_EXTENSIONS",
     "MAX_DUPLICATE_KEYS", "NORMALISED_COLUMNS", "WDS_ID_COLUMN", "SourceCheckpointFilter", "SourceError",
     "SourceFormat", "SourceInfo", "SourceSpec", "checkpoint_config", "duplicate_keys", "id_column", "in_sample",
     "inspect_source", "list_shards", "mark_duplicate_keys", "read_source", "row_count", "sample_rows",

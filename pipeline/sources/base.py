@@ -102,6 +102,7 @@ class SourceInfo:
     id_column: str | None = None
     duplicates: dict[str, int] | None = None  # repeated keys, once duplicate_keys has read them
     read_schema: pa.Schema | None = None  # Parquet: the columns and types the read asks every shard for
+    shard_rows: list[int] | None = None  # Parquet: each shard's row count, from the footers inspect read
 
 
 class SourceFormat(Protocol):

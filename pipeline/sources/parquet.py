@@ -56,7 +56,7 @@ def inspect(spec: SourceSpec, fs: pafs.FileSystem, root: str) -> SourceInfo:
             )
     info = SourceInfo(root=root, shards=list_shards(spec, fs))
     first = info.shards[0]
-    schema = _shard_schema(fs, first)
+    schema, rows = _shard_footer(fs, first)
     names = schema.names
     if spec.image_column not in names:
         raise SourceError(
@@ -77,13 +77,15 @@ def inspect(spec: SourceSpec, fs: pafs.FileSystem, root: str) -> SourceInfo:
         info.id_column = spec.key_column
     else:
         info.id_column = "row_hash"
-    info.read_schema = _read_schema(spec, fs, info, schema)
+    info.read_schema = _read_schema(spec, fs, info, schema, rows)
     return info
 
 
-def _shard_schema(fs: pafs.FileSystem, shard: str) -> pa.Schema:
+def _shard_footer(fs: pafs.FileSystem, shard: str) -> tuple[pa.Schema, int]:
+    """A shard's schema and row count, from its footer alone."""
     try:
-        return pq.read_schema(shard, filesystem=fs)
+        with pq.ParquetFile(shard, filesystem=fs) as f:
+            return f.schema_arrow, f.metadata.num_rows
     except (OSError, ValueError) as e:
         raise SourceError(f"cannot read the Parquet schema of {describe(fs, shard)}: {e}") from e
 
@@ -120,20 +122,24 @@ def _check_key_type(spec: SourceSpec, fs: pafs.FileSystem, shard: str, key_type:
         )
 
 
-def _read_schema(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo, first_schema: pa.Schema) -> pa.Schema:
+def _read_schema(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo, first_schema: pa.Schema,
+                 first_rows: int) -> pa.Schema:
     """The image, key and label columns with one type each that every shard's column casts to; given to the read,
     so that a shard lacking a column reads it as nulls (a ``missing key`` / ``missing image`` error row, label -1)
     instead of failing its read task. Reads every other shard's footer, in parallel: a shard whose footer cannot
     be read or whose column types do not fit the first shard's is refused here, named, before any work (Ray would
-    otherwise fail the job on it, or on a later shard than its schema sample reaches, mid-way)."""
+    otherwise fail the job on it, or on a later shard than its schema sample reaches, mid-way). The footers' row
+    counts go to ``SourceInfo.shard_rows``."""
     columns = [spec.image_column]
     columns += [spec.key_column] if info.has_key else []
     columns += [spec.label_column] if info.has_label else []
     rest = info.shards[1:]
-    schemas = [first_schema]
+    footers = [(first_schema, first_rows)]
     if rest:
         with ThreadPoolExecutor(min(_FOOTER_THREADS, len(rest))) as pool:
-            schemas += pool.map(lambda shard: _shard_schema(fs, shard), rest)
+            footers += pool.map(lambda shard: _shard_footer(fs, shard), rest)
+    schemas = [schema for schema, _ in footers]
+    info.shard_rows = [rows for _, rows in footers]
     types: dict[str, list[pa.DataType]] = {c: [] for c in columns}
     first = info.shards[0]
     for shard, schema in zip(info.shards, schemas, strict=True):
