@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 from pipeline.blackbox import InputSpec, open_blackbox
 from pipeline.config import JobConfig
 from pipeline.decode import decode_batch, is_empty_error
-from pipeline.gate import GATE_DEFAULTS, gate_params, gate_threshold, top_probability
+from pipeline.gate import gate_params, gate_threshold, top_probability
 from pipeline.heap import releasing, worker_env
 from pipeline.paths import absolute_uri, shipped_path
 from pipeline.placement import PlacementError, PlanDemand, check_placement, plan_demand
@@ -293,7 +293,8 @@ def build_plan(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, model_s
 def measured_gate(cfg: JobConfig) -> tuple[float, int] | None:
     """(quantile, rows) when the method is a vote whose original-label gate is measured on the job's first rows."""
     params = cfg.purify.params
-    if cfg.purify.method != "cascade" or not params.get("original_votes", GATE_DEFAULTS["original_votes"]):
+    votes = params.get("original_votes")  # missing or None: the vote's default ballots (see Cascade)
+    if cfg.purify.method != "cascade" or votes == 0:
         return None
     quantile, below, rows = gate_params(params)
     # below given with the quantile: an earlier measurement, kept
@@ -302,7 +303,8 @@ def measured_gate(cfg: JobConfig) -> tuple[float, int] | None:
 
 def first_images(cfg: JobConfig, spec: SourceSpec, fs_in: pafs.FileSystem, size: int, channels: int,
                  rows: int) -> np.ndarray:
-    """The source's first `rows` images that decode, in source order (a rerun reads the same ones)."""
+    """The images among the source's first `rows` rows that decode, in source order (a rerun reads the same ones);
+    rows that fail to decode are left out, not replaced, so that the gate's rows do not depend on how many did."""
     from ray.data import DataContext
 
     # A dataset keeps a copy of the context it was made under: order is asked for before the plan is built.

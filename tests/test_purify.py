@@ -481,6 +481,40 @@ def test_bad_input_raises_clear_errors(model):
         build_purifier("sdedit", model, {"sharpen": -1})
     with pytest.raises(ValueError, match="unknown method"):
         build_purifier("magic", model)
+    with pytest.raises(ValueError, match="at least one channel and pixel"):
+        p(np.zeros((1, 1, 0, 16), np.uint8), ["a"])
+
+
+@pytest.mark.parametrize("method, params, match", [
+    ("sdedit", {"eta": float("nan")}, "eta"),  # every output would be NaN, then black
+    ("zip", {"eta": 5.0}, "eta"),  # a variance past 1 - a_prev, hidden by a clamp
+    ("guided", {"eta": -0.5}, "eta"),
+    ("sampdetox", {"eta": 2.0}, "eta"),
+    ("sampdetox", {"ssim_sigma": 0.0}, "ssim_sigma"),
+    ("sampdetox", {"ssim_sigma": 20.0}, "ssim_sigma"),  # a window wider than the image
+    ("sampdetox", {"steps1": 0}, "steps"),  # not read as "full DDPM"
+    ("sdedit", {"sharpen": 1.0, "sharpen_sigma": 3.0, "size_policy": "resize"}, None),  # fits 16 pixels
+    ("zip", {"degradation": "pool1"}, "identity"),  # A = I: ZIP would copy the input back
+    ("zip", {"degradation": "gray+pool1"}, "identity"),
+    ("zip", {"degradation": "gray+pool2", "combine": "average"}, "identity"),  # half the input copied back
+    ("zip", {"degradation": "blur0"}, "sigma"),  # a 0/0 kernel: NaN images
+    ("zip", {"degradation": "pool0"}, "at least 1"),
+])
+def test_params_that_would_fail_or_do_nothing_later_are_refused_when_built(model, method, params, match):
+    """Each of these was accepted and then crashed every batch, or ran and returned black or untouched images."""
+    if match is None:
+        build_purifier(method, model, params)
+        return
+    with pytest.raises(ValueError, match=match):
+        build_purifier(method, model, params)
+
+
+def test_chained_pools_check_each_measurement_and_run():
+    small = tiny_model(size=12)  # 12 -> 6 -> 3 under pool2+pool2; pool2+pool4 would need 6 % 4 == 0
+    with pytest.raises(ValueError, match="pool4 needs an image size divisible by 4, got 6"):
+        ZIP(small, degradation="pool2+pool4", t_start=20, steps=2)
+    out = ZIP(small, degradation="pool2+pool2", t_start=20, steps=2)(np.zeros((2, 1, 12, 12), np.uint8), ["a", "b"])
+    assert out.images.shape == (2, 1, 12, 12)
 
 
 def test_size_policies_return_the_input_size(model):
@@ -622,6 +656,13 @@ def test_original_ballots_need_the_passes_support(model):
     assert vote(0.3, against=0.35) == (4, 4)  # supported: decided after 4 passes
     assert vote(0.3, against=0.02) == (7, 5)
     assert vote(0.0, against=0.02)[0] == 4  # support off: the ballots count whatever the passes say
+    # A gate that always opens (original_below null) still asks for the support.
+    always = Cascade(SDEdit(model, t_start=100, steps=1), k=5, escalate="always", original_votes=3,
+                     original_below=None, original_support=0.3)
+    out = always.run(img, ["a"], seed=0, classify=black_box(0.02))
+    assert int(out.labels[0]) == 7
+    assert always.ballots(np.array([4]), np.array([0.6]), np.array([0.02])).tolist() == [[-1, -1, -1]]
+    assert always.ballots(np.array([4]), np.array([0.6]), np.array([0.35])).tolist() == [[4, 4, 4]]
     assert supported(None, np.array([0.5]), 0.3) is None  # a label-only black box has nothing to support
     assert np.isnan(supported(np.array([0.6], np.float32), np.array([np.nan], np.float32), 0.3)[0])
     with pytest.raises(ValueError, match="original_support"):
@@ -696,6 +737,16 @@ def test_measured_gate_is_a_quantile_of_the_black_box_own_answers(model):
     assert not again.needs_calibration and again.original_below == pytest.approx(thr)
     with pytest.raises(ValueError, match="original_quantile"):
         build_purifier("cascade", model, {"original_quantile": 1.5})
+    # The job measures the gate exactly when the vote it builds needs one: null ballots are the default ballots.
+    from pipeline.config import load_config
+    from pipeline.job import measured_gate
+
+    cfg = load_config(overrides=[])
+    for params, measured in (({"original_votes": None}, (0.4, 256)), ({}, (0.4, 256)), ({"original_votes": 0}, None),
+                             ({"original_below": 0.9}, None)):
+        cfg.purify.params = params
+        assert measured_gate(cfg) == measured
+        assert build_purifier("cascade", model, {**params, "base": "sdedit"}).needs_calibration == bool(measured)
 
 
 def test_methods_refuse_what_they_cannot_do_instead_of_doing_nothing(model, tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.purify.filters import unsharp_mask
+from pipeline.purify.filters import check_sigma, unsharp_mask
 from pipeline.purify.models import DiffusionModel
 from pipeline.purify.sampling import PurifyResult
 
@@ -28,6 +28,8 @@ def as_model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> t
     x = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
     if x.ndim != 4:
         raise ValueError(f"expected a batch (N, C, H, W), got shape {tuple(x.shape)}")
+    if 0 in x.shape[1:]:
+        raise ValueError(f"images need at least one channel and pixel, got shape {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return x.to(device=device, dtype=torch.float32) / 127.5 - 1.0
     if not x.is_floating_point():
@@ -70,6 +72,7 @@ class Purifier(ABC):
             raise ValueError(f"sharpen (unsharp-mask amount) must be in [0, 3], got {sharpen}")
         if not 0.3 <= sharpen_sigma <= 3.0:
             raise ValueError(f"sharpen_sigma must be in [0.3, 3], got {sharpen_sigma}")
+        check_sigma("sharpen_sigma", sharpen_sigma, model.image_size)
         # None = the model's domain prior (its preset's); black_level 0 turns unveiling off.
         black_level = model.black_level if black_level is None else black_level
         veil_share = model.veil_share if veil_share is None else veil_share

@@ -361,14 +361,18 @@ class Cascade:
         """The original label's ballots; `support`: the passes' mean probability for it so far (None: not asked)."""
         if self.needs_calibration:
             raise RuntimeError("the vote's gate is measured per job (original_quantile): call calibrate() first")
-        if support is not None:
+        below = self.original_below
+        if support is not None and score_orig is not None and self.original_support > 0:
             score_orig = supported(score_orig, support, self.original_support)
-        return original_ballots(pred_orig, score_orig, self.original_votes, self.original_below)
+            if below is None:  # a gate that always opens still asks for the passes' support
+                below = np.inf
+        return original_ballots(pred_orig, score_orig, self.original_votes, below)
 
     @property
     def nominal_nfe(self) -> float:
-        # Per image when nothing escalates (flip) or the first two passes agree (always); at most k times the base.
-        return self.base.nominal_nfe * (1 if self.escalate == "flip" or self.k == 1 else 2)
+        # Per image when nothing escalates (flip) or the first passes agree (always: a majority of k, after which the
+        # passes left cannot overturn it); at most k times the base.
+        return self.base.nominal_nfe * (1 if self.escalate == "flip" else self.k // 2 + 1)
 
     def steps(self, images: np.ndarray, seed: int) -> Steps:
         """The vote's rounds for one batch: pass 0 on every row and one query for the originals and pass 0; then,

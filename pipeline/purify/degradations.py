@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+MIN_BLUR_SIGMA, MAX_BLUR_SIGMA = 0.3, 16.0
+
 
 class Degradation:
     name = "identity"
@@ -27,8 +29,10 @@ class Degradation:
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
-    def check(self, channels: int, size: int) -> None:
-        """Raise a clear error when the operator cannot act on images of this shape."""
+    def check(self, channels: int, size: int) -> int:
+        """Raise a clear error when the operator cannot act on images of this shape; return the measurement's size
+        (what the next operator of a composition acts on)."""
+        return size
 
     def is_identity(self, channels: int) -> bool:
         """A = I on images of this many channels: the range-space step would copy the whole input back."""
@@ -41,6 +45,10 @@ class Pool(Degradation):
 
     k: int = 2
 
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"pool{self.k}: the pooling factor must be at least 1")
+
     @property
     def name(self) -> str:  # type: ignore[override]
         return f"pool{self.k}"
@@ -51,9 +59,13 @@ class Pool(Degradation):
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return F.interpolate(y, scale_factor=self.k, mode="nearest")
 
-    def check(self, channels: int, size: int) -> None:
+    def check(self, channels: int, size: int) -> int:
         if size % self.k:
             raise ValueError(f"pool{self.k} needs an image size divisible by {self.k}, got {size}")
+        return size // self.k
+
+    def is_identity(self, channels: int) -> bool:
+        return self.k == 1
 
 
 @dataclass
@@ -63,6 +75,11 @@ class Blur(Degradation):
     sigma: float = 2.0
     lam: float = 1e-3
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not MIN_BLUR_SIGMA <= self.sigma <= MAX_BLUR_SIGMA:
+            # below: the kernel is (nearly) a delta, A = I and ZIP would copy the input back (0: NaN images)
+            raise ValueError(f"blur{self.sigma:g}: sigma must be in [{MIN_BLUR_SIGMA}, {MAX_BLUR_SIGMA}]")
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -128,9 +145,10 @@ class Compose(Degradation):
             y = op.pinv(y)
         return y
 
-    def check(self, channels: int, size: int) -> None:
-        for op in self.ops:
-            op.check(channels, size)
+    def check(self, channels: int, size: int) -> int:
+        for op in self.ops:  # each acts on the previous one's measurement: pool2+pool4 needs 8 | size
+            size = op.check(channels, size)
+        return size
 
     def is_identity(self, channels: int) -> bool:
         return all(op.is_identity(channels) for op in self.ops)

@@ -7,9 +7,27 @@ import torch.nn.functional as F
 
 from pipeline.purify.batching import rowwise
 
+TRUNCATE = 3.5  # skimage's: an 11-tap window at sigma 1.5
 
-def gaussian_window(sigma: float, device: torch.device, truncate: float = 3.5) -> torch.Tensor:
-    r = int(truncate * sigma + 0.5)  # skimage's truncate=3.5 gives an 11-tap window at sigma 1.5
+
+def window_radius(sigma: float, truncate: float = TRUNCATE) -> int:
+    return int(truncate * sigma + 0.5)
+
+
+def check_sigma(name: str, sigma: float, size: int, least: float = 0.3) -> float:
+    """A Gaussian filter's sigma for images of `size` pixels: at least `least` (below it the window is a delta), and
+    a window whose symmetric border fits in the image."""
+    sigma = float(sigma)
+    if not sigma >= least:  # NaN too
+        raise ValueError(f"{name} must be at least {least}, got {sigma}")
+    if window_radius(sigma) > size:
+        raise ValueError(f"{name} {sigma:g} needs a {2 * window_radius(sigma) + 1}-pixel window, wider than twice "
+                         f"the {size}-pixel image allows: use at most {(size - 0.5) / TRUNCATE:.2f}")
+    return sigma
+
+
+def gaussian_window(sigma: float, device: torch.device, truncate: float = TRUNCATE) -> torch.Tensor:
+    r = window_radius(sigma, truncate)
     g = torch.exp(-(torch.arange(-r, r + 1, dtype=torch.float32, device=device) ** 2) / (2 * sigma**2))
     return g / g.sum()
 

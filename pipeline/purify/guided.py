@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pipeline.purify.base import Purifier
 from pipeline.purify.degradations import Pool
 from pipeline.purify.models import DiffusionModel
-from pipeline.purify.sampling import PurifyResult, generators, noise_like, q_sample, reverse, state_grid
+from pipeline.purify.sampling import PurifyResult, check_eta, generators, noise_like, q_sample, reverse, state_grid
 
 
 class Guided(Purifier):
@@ -68,7 +68,7 @@ class Guided(Purifier):
             raise ValueError(f"restart_core must be in [restart_tau, 2], got {restart_core}")
         self.restart_tau = None if restart_tau is None else float(restart_tau)
         self.restart_core = float(restart_core)
-        self.t_start, self.steps, self.eta = int(t_start), int(steps), float(eta)
+        self.t_start, self.steps, self.eta = int(t_start), int(steps), check_eta(eta)
         self.locate_steps, self.guide_steps, self.pool, self.tau = int(locate_steps), int(guide_steps), int(pool), \
             float(tau)
 

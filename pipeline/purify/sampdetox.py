@@ -7,7 +7,9 @@ and maximum (as the public code does), so that the most-changed pixel of every i
 Defaults are the paper's (t1 = 20, t2 = 120, full DDPM steps, on the model's own schedule). Departures from the
 public code, on purpose: noise is drawn per image (seeded by key), stage 2 is vectorised with masks (no per-pixel
 loop), SSIM uses the data range of the [-1, 1] inputs (a flat map, where the first pass changed nothing anywhere,
-asks for no strong noise instead of dividing by zero), and `steps1` / `steps2` allow DDIM-style striding. Images
+asks for no strong noise instead of dividing by zero), `steps1` / `steps2` allow DDIM-style striding, and each step
+is the shared DDIM step at eta 1 (variance beta-tilde, the x0 prediction clamped to [-1, 1] at every step; the public
+code runs unclipped DDPM steps with variance beta and clips only the final image). Images
 whose map asks for no strong noise skip the UNet in stage 2, so NFE is counted per image.
 
 `LocalRepair` ("repair") is our variant for high-visibility triggers, which the paper's weak first pass never
@@ -26,10 +28,12 @@ from typing import Any
 import torch
 
 from pipeline.purify.base import Purifier
+from pipeline.purify.filters import check_sigma
 from pipeline.purify.models import DiffusionModel
 from pipeline.purify.sampling import (
     PurifyResult,
     abar,
+    check_eta,
     ddim_step,
     generators,
     noise_like,
@@ -65,11 +69,12 @@ class SampDetox(Purifier):
             raise ValueError(f"ssim_norm must be one of {SSIM_NORMS}, got {ssim_norm!r}")
         self.ssim_norm = ssim_norm
         self.t1, self.t2 = int(t1), int(t2)
-        self.steps1 = int(steps1 or t1)
-        self.steps2 = int(steps2 or t2)
+        self.steps1 = self.t1 if steps1 is None else int(steps1)  # None: full DDPM (0 is refused, not read as None)
+        self.steps2 = self.t2 if steps2 is None else int(steps2)
         state_grid(self.t1, self.steps1)
         state_grid(self.t2, self.steps2)
-        self.eta, self.ssim_sigma = float(eta), float(ssim_sigma)
+        self.eta = check_eta(eta)
+        self.ssim_sigma = check_sigma("ssim_sigma", ssim_sigma, model.image_size)
         self.start, self.pin = start, pin
 
     def method_params(self) -> dict[str, Any]:

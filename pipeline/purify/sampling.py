@@ -2,7 +2,8 @@
 
 The forward process is DDPM's (Ho, Jain and Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020), the
 reverse step DDIM's (Song, Meng and Ermon, "Denoising Diffusion Implicit Models", ICLR 2021), which takes strided
-steps on the same trained model and, with eta = 1 between consecutive states, is DDPM's ancestral step.
+steps on the same trained model and, with eta = 1 between consecutive states, is DDPM's ancestral step wherever the
+predicted x0 lies in [-1, 1] (see `ddim_step` for where it is clamped).
 
 State convention: state t in 0..T counts forward noising steps, so x_t = sqrt(abar(t)) x_0 + sqrt(1 - abar(t)) eps
 (DDPM Eq. 4) with abar(0) = 1 and abar(t) = alphas_cumprod[t - 1]; the UNet is called with timestep t - 1. Then
@@ -61,6 +62,14 @@ def abar(model: DiffusionModel, t: int | torch.Tensor) -> torch.Tensor:
     return table.to(t.device)[t].float()
 
 
+def check_eta(eta: float) -> float:
+    """DDIM's eta: 0 deterministic, 1 DDPM's posterior variance; past 1 the variance would exceed 1 - a_prev."""
+    eta = float(eta)
+    if not 0.0 <= eta <= 1.0:  # NaN too
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    return eta
+
+
 def state_grid(t_start: int, steps: int) -> list[int]:
     """Descending states t_start = g0 > g1 > ... > g_steps = 0, evenly spaced, `steps` transitions."""
     if not 1 <= steps <= t_start:
@@ -107,7 +116,10 @@ def ddim_step(
         x_prev  = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma^2) eps + sigma z
 
     a_t, a_prev are alpha_bar at the two states, z is `noise`. eta = 0 is deterministic DDIM; eta = 1 on
-    consecutive states is DDPM's ancestral step (posterior of DDPM Eq. 6-7, variance beta-tilde). `project`, if
+    consecutive states is DDPM's ancestral step (posterior of DDPM Eq. 6-7, variance beta-tilde) wherever x0_pred
+    needs no clamp. Where it is clamped, the direction term keeps the model's eps, as `DDIMScheduler` does with
+    `clip_sample` (and `use_clipped_model_output` off): neither DDPM's clipped posterior (clamped x0 with x_t) nor
+    unclipped DDPM. `project`, if
     given, replaces x0_pred (DDNM's range-null-space step, used by ZIP and guided) and eps is re-derived from the
     projected x0 so the direction term stays consistent with it. Returns (x_prev, x0_pred)."""
     x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.purify.base import Purifier
 from pipeline.purify.models import DiffusionModel
-from pipeline.purify.sampling import PurifyResult, generators, noise_like, q_sample, reverse, state_grid
+from pipeline.purify.sampling import PurifyResult, check_eta, generators, noise_like, q_sample, reverse, state_grid
 
 
 class SDEdit(Purifier):
@@ -28,7 +28,7 @@ class SDEdit(Purifier):
         if not 1 <= t_start <= model.num_train_timesteps:
             raise ValueError(f"t_start must be in [1, {model.num_train_timesteps}], got {t_start}")
         state_grid(t_start, steps)  # validates steps
-        self.t_start, self.steps, self.eta = int(t_start), int(steps), float(eta)
+        self.t_start, self.steps, self.eta = int(t_start), int(steps), check_eta(eta)
 
     def method_params(self) -> dict[str, Any]:
         return {"t_start": self.t_start, "steps": self.steps, "eta": self.eta}

@@ -18,7 +18,7 @@ import torch
 from pipeline.purify.base import Purifier
 from pipeline.purify.degradations import Compose, Degradation, parse_degradation
 from pipeline.purify.models import DiffusionModel
-from pipeline.purify.sampling import PurifyResult, generators, noise_like, q_sample, reverse, state_grid
+from pipeline.purify.sampling import PurifyResult, check_eta, generators, noise_like, q_sample, reverse, state_grid
 
 
 class ZIP(Purifier):
@@ -34,11 +34,15 @@ class ZIP(Purifier):
         state_grid(t_start, steps)
         self.op: Degradation = parse_degradation(degradation)
         self.op.check(model.channels, model.image_size)
-        if self.op.is_identity(model.channels):  # the projection would copy the whole input, trigger included, back
-            raise ValueError(f"degradation {degradation!r} is the identity on a {model.channels}-channel model: ZIP "
-                             "would restore nothing (use poolK or blurSIGMA)")
         self.degradation, self.combine = degradation, combine
-        self.t_start, self.steps, self.eta = int(t_start), int(steps), float(eta)
+        # The projection would copy the whole input, trigger included, back; under `average` each operator is a
+        # projection of its own, so one identity among them copies half the input back.
+        for op in self._ops():
+            if op.is_identity(model.channels):
+                alone = " (combine: average corrects for each operator alone)" if op is not self.op else ""
+                raise ValueError(f"degradation {op.name!r} is the identity on a {model.channels}-channel model: ZIP "
+                                 f"would restore nothing there{alone}; use poolK (K >= 2) or blurSIGMA")
+        self.t_start, self.steps, self.eta = int(t_start), int(steps), check_eta(eta)
 
     def method_params(self) -> dict[str, Any]:
         return {"degradation": self.degradation, "t_start": self.t_start, "steps": self.steps, "eta": self.eta,
