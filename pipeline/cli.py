@@ -20,13 +20,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. purify.method=sdedit")
 
 
+# sysexits' EX_TEMPFAIL: the job ran, but rows failed for a passing reason (the black box down or slow, its budget
+# spent, a refused token) and the output is not complete; the same command retries them (a RayJob's backoffLimit).
+EXIT_RETRYABLE = 75
+
+
 def cmd_sanitize(args: argparse.Namespace) -> int:
     from pipeline.job import run_sanitize
 
     cfg = load_config(args.config, args.overrides)
     summary = run_sanitize(cfg)
     print(summary.line())
-    return 0
+    return EXIT_RETRYABLE if summary.retryable else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -5,11 +5,12 @@ YAML is read with `yaml.safe_load`, so a config file cannot construct Python obj
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.audit.thresholds import Thresholds
 from pipeline.paths import shipped_path
@@ -28,6 +29,16 @@ MAX_IMAGE_SIDE = 4096
 MAX_SECONDS = 3600.0  # one request, one timeout: an hour is already no timeout at all
 MAX_CPUS = 1024.0
 MAX_BUDGET = 10**12
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.fullmatch(value):  # the value is never echoed: it may be the secret itself, pasted
+        raise ValueError("must be the name of an environment variable (letters, digits, _), not its value")
+    return value
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
 
 
 class SourceConfig(_Section):
@@ -41,7 +52,8 @@ class SourceConfig(_Section):
     # grown source adds its new rows at the same rate); another seed draws another sample.
     sample_fraction: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     sample_seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    # At most this many rows (after the sample); which ones depends on the order reads finish in.
+    # At most this many rows (after the sample); which ones depends on the order reads finish in. With resume it
+    # counts rows not done yet: each rerun takes up to this many more (a large source in installments).
     limit: int | None = Field(default=None, ge=1, le=10**12)
     decode_policy: Literal["resize", "pad", "reject"] = "resize"
     max_image_bytes: int = Field(default=20_000_000, ge=1, le=1 << 30)
@@ -74,8 +86,10 @@ class BlackBoxConfig(_Section):
     # None: no limit. Zero is refused rather than read as "no limit": it looks like "send nothing".
     rate_limit_qps: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False)
     query_budget: int | None = Field(default=None, ge=0, le=MAX_BUDGET)
-    auth_env: str | None = None  # name of the env var holding a bearer token (never the token itself)
-    header_env: dict[str, str] = Field(default_factory=dict)
+    # Names of env vars (never the secrets themselves: a pasted token fails the name check, which never echoes it):
+    # the bearer token's, and header -> the var holding its value.
+    auth_env: EnvName | None = None
+    header_env: dict[str, EnvName] = Field(default_factory=dict)
     class_names: list[str] | None = Field(default=None, max_length=100_001)  # for reports; index = label
 
 
@@ -84,8 +98,9 @@ class ResourcesConfig(_Section):
     purify_actors: int = Field(default=1, ge=1, le=MAX_ACTORS)  # initial/min size: must fit, or preflight fails
     # autoscaling upper bound (default = purify_actors)
     max_purify_actors: int | None = Field(default=None, ge=1, le=MAX_ACTORS)
-    # None: 1 when the cluster has GPUs, else 0
-    gpus_per_actor: float | None = Field(default=None, ge=0, le=16, allow_inf_nan=False)
+    # None: 1 when the cluster has GPUs, else 0. At most 1: one diffusion model never needs more than one GPU, and
+    # Ray takes fractions only below 1; a fraction packs that many purifiers onto a GPU (0.5: two).
+    gpus_per_actor: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     purify_batch_size: int = Field(default=64, ge=1, le=MAX_BATCH)
     # The black-box service: actors that own the client, shared by every purifier. The query budget, rate limit
     # and concurrency of `blackbox` are totals over all of them.

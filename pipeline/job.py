@@ -35,7 +35,7 @@ from pipeline.heap import releasing, worker_env
 from pipeline.paths import absolute_uri, shipped_path
 from pipeline.placement import PlacementError, PlanDemand, check_placement, plan_demand
 from pipeline.progress import ProgressLine
-from pipeline.requeue import release_retryable
+from pipeline.requeue import release_retryable, uncommitted
 from pipeline.service import ServiceHandle, start_service
 from pipeline.sink import output_schema, to_output_batch
 from pipeline.sources import (
@@ -48,7 +48,15 @@ from pipeline.sources import (
     row_count,
 )
 from pipeline.stages import PurifyStage
-from pipeline.storage import StorageError, check_writable, describe, redact_userinfo, resolve_filesystem, uri_path
+from pipeline.storage import (
+    StorageError,
+    check_writable,
+    describe,
+    overlap,
+    redact_userinfo,
+    resolve_filesystem,
+    uri_path,
+)
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "_ray_checkpoint"  # inside the output; '_' keeps it out of Parquet dataset discovery
@@ -102,12 +110,17 @@ def blackbox_options(cfg: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return spec, {k: v for k, v in opts.items() if v is not None}
 
 
-def count_output(fs: pafs.FileSystem, path: str) -> int:
+def count_output(fs: pafs.FileSystem, path: str, skip: set[str] | frozenset = frozenset()) -> int:
+    """Rows in the output's Parquet files, leaving out the files in `skip` (see requeue.uncommitted)."""
     try:
         info = fs.get_file_info(path)
         if info.type != pafs.FileType.Directory:
             return 0
-        return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        if skip:
+            files = [f for f in dataset.files if f not in skip]
+            dataset = pads.dataset(files, filesystem=fs, format="parquet") if files else None
+        return dataset.count_rows() if dataset is not None else 0
     except (FileNotFoundError, OSError):
         return 0
 
@@ -167,6 +180,11 @@ def preflight(cfg: JobConfig) -> Preflight:
     info = inspect_source(spec, fs_in)
     out_uri = absolute_uri(cfg.output.uri)
     fs_out, out_path = resolve_filesystem(out_uri, cfg.output.endpoint_url)
+    if overlap(fs_in, info.root, fs_out, out_path):
+        # A rerun would list its own output files as source shards: every key would repeat, and the rows already
+        # written would be taken back as duplicate-key errors.
+        raise StorageError(f"the output {describe(fs_out, out_path)} and the source {describe(fs_in, info.root)} "
+                           "overlap (one is the other or lies inside it): put output.uri outside source.uri")
     check_writable(fs_out, out_path)
     spec_bb, opts = blackbox_options(cfg)
     bb = open_blackbox(blackbox_uri(cfg.blackbox.uri), InputSpec(**spec_bb), **opts)
@@ -203,7 +221,14 @@ def cluster_demand(cfg: JobConfig):
     import ray
 
     total = ray.cluster_resources()
-    return plan_demand(cfg, total.get("GPU", 0) > 0, total.get("CPU", 0.0))
+    has_gpus = total.get("GPU", 0) > 0
+    if cfg.resources.gpus_per_actor is None and not has_gpus and cfg.resources.wait_for_nodes_s > 0:
+        # "1 GPU when the cluster has GPUs" cannot be read off a cluster whose GPU nodes an autoscaler has yet to add
+        raise PlacementError("resources.gpus_per_actor is null and the cluster has no GPU (yet): on an autoscaling "
+                             "cluster (resources.wait_for_nodes_s > 0) say what a purifier needs: 1 for a GPU "
+                             "purifier (the autoscaler adds GPU nodes for it), 0 to purify on CPUs")
+    cpu_free = any(n.get("Alive") and n.get("Resources", {}).get("CPU", 0.0) <= 0 for n in ray.nodes())
+    return plan_demand(cfg, has_gpus, total.get("CPU", 0.0), cpu_free_node=cpu_free)
 
 
 def ensure_placeable(cfg: JobConfig) -> bool:
@@ -224,7 +249,8 @@ def ensure_placeable(cfg: JobConfig) -> bool:
     asked = False
     while True:
         try:
-            check_placement(demand, alive(), min_purifiers=need, task_cpus=task_cpus)
+            check_placement(demand, alive(), min_purifiers=need, task_cpus=task_cpus,
+                            largest_task=max(1.0, cfg.resources.decode_cpus))
             return asked
         except PlacementError:
             if time.monotonic() >= deadline:
@@ -433,13 +459,15 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
     calib = first_images(cfg, spec, fs_in, size, channels, gate_spec[1]) if gate_spec and gate is None else None
     id_col = pre.id_column
     retried = 0
+    doomed: set[str] = set()  # files of a write cut short, which Ray deletes when the plan starts
     if cfg.output.resume and id_col:
         # A URI, not the filesystem path: checkpoint_config resolves it against fs_out itself.
         out_uri = absolute_uri(cfg.output.uri).rstrip("/")
         # Keyed on the source's own key column, a key that repeats now (or no longer does) changes rows already done.
         dups = duplicate_keys(spec, fs_in) if id_col == spec.key_column else None
-        retried = release_retryable(fs_out, out_path, f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}", id_col,
-                                    dups).rows
+        checkpoint = f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}"
+        retried = release_retryable(fs_out, out_path, checkpoint, id_col, dups).rows
+        doomed = uncommitted(fs_out, out_path, checkpoint)
         ctx.checkpoint_config = checkpoint_config(spec, f"{out_uri}/{CHECKPOINT_DIR}", fs_out)
     else:
         ctx.checkpoint_config = None
@@ -447,7 +475,7 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
             log.warning("source has no unique id column: this job cannot resume; a rerun reprocesses every row")
 
     try:
-        before = count_output(fs_out, out_path)
+        before = count_output(fs_out, out_path, doomed)
         cpus_free = ray.available_resources().get("CPU", 0.0)
         t0 = time.time()
         service = start_blackbox(cfg)

@@ -38,23 +38,28 @@ class PlanDemand:
 SMALL_CLUSTER_CPUS = 4  # below this, a GPU purifier reserves no CPU: Ray Data's own tasks need the few there are
 
 
-def plan_demand(cfg: JobConfig, cluster_has_gpus: bool, cluster_cpus: float | None = None) -> PlanDemand:
+def plan_demand(cfg: JobConfig, cluster_has_gpus: bool, cluster_cpus: float | None = None,
+                cpu_free_node: bool = False) -> PlanDemand:
     """The actors a job config asks for; `cluster_has_gpus` decides what `gpus_per_actor: null` means, and
-    `cluster_cpus` (the cluster's logical CPUs, None: plenty) what `purify_cpus: null` means for a GPU purifier."""
+    `cluster_cpus` (the cluster's logical CPUs, None: plenty) what `purify_cpus: null` means for a GPU purifier.
+    `cpu_free_node`: a node offers no CPU (a head kept free of work), where an actor that reserves nothing could
+    land: a CPU purifier then reserves a CPU by default."""
     r = cfg.resources
     gpus = r.gpus_per_actor if r.gpus_per_actor is not None else (1.0 if cluster_has_gpus else 0.0)
     roomy = cluster_cpus is None or cluster_cpus >= SMALL_CLUSTER_CPUS
-    cpus = r.purify_cpus if r.purify_cpus is not None else (1.0 if gpus > 0 and roomy else 0.0)
+    cpus = r.purify_cpus if r.purify_cpus is not None else (1.0 if (gpus > 0 and roomy) or (gpus == 0 and cpu_free_node)
+                                                           else 0.0)
     return PlanDemand(purifiers=r.max_purify_actors or r.purify_actors, gpus_per_purifier=gpus,
                       cpus_per_purifier=cpus, blackbox_actors=r.query_actors, cpus_per_blackbox=r.query_cpus)
 
 
 def check_placement(demand: PlanDemand, nodes: Sequence[Mapping[str, float]],
                     can_add: Sequence[tuple[Mapping[str, float], int]] = (), min_purifiers: int = 1,
-                    task_cpus: float = 1.0) -> None:
+                    task_cpus: float = 1.0, largest_task: float = 1.0) -> None:
     """Raise PlacementError unless `min_purifiers` purify actors and every black-box actor fit on `nodes` (each a
     node's total resources) plus `can_add` (node shapes an autoscaler may still start, with how many of each), with
-    `task_cpus` logical CPUs left for Ray Data's own operators (reading, writing, the resume filter: 1 CPU each).
+    `task_cpus` logical CPUs left for Ray Data's own operators (reading, writing, the resume filter: 1 CPU each) and
+    one node with `largest_task` CPUs left (the largest task: a decode task asks for `resources.decode_cpus`).
 
     First-fit, largest nodes first: enough for actors of one or two shapes."""
     free = [dict(n) for n in nodes]
@@ -90,5 +95,9 @@ def check_placement(demand: PlanDemand, nodes: Sequence[Mapping[str, float]],
     if not missing and left + 1e-9 < task_cpus:
         missing.append(f"{task_cpus:g} CPU(s) for Ray Data's read / write / resume tasks, but the actors leave "
                        f"{left:g}: lower resources.purify_cpus or resources.query_cpus, or add CPUs")
+    most = max((n.get("CPU", 0.0) for n in free), default=0.0)
+    if not missing and most + 1e-9 < largest_task:
+        missing.append(f"a task of {largest_task:g} CPU(s) (resources.decode_cpus), but no node has that many left "
+                       f"once the actors are placed (at most {most:g}): lower resources.decode_cpus")
     if missing:
         raise PlacementError("this plan can never be placed on the cluster: " + "; ".join(missing))

@@ -13,6 +13,7 @@ filesystem object also keeps them out of every pickle Ray ships to its workers, 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import time
 import uuid
@@ -178,20 +179,34 @@ def _s3_filesystem(bucket: str, endpoint_url: str | None, region: str | None) ->
     return pafs.S3FileSystem(connect_timeout=5.0, **kwargs)
 
 
+def _endpoint(fs: pafs.FileSystem) -> str:
+    """An S3 filesystem's endpoint (" at scheme://host"), "" for AWS itself or another kind of filesystem."""
+    if fs.type_name != "s3":
+        return ""
+    try:
+        options = fs.__reduce__()[1][0]
+        if options.get("endpoint_override"):
+            return f" at {options.get('scheme') or 'https'}://{options['endpoint_override']}"
+    except Exception:  # noqa: BLE001 - only cosmetic; pyarrow may change its pickle layout
+        pass
+    return ""
+
+
 def describe(fs: pafs.FileSystem, path: str) -> str:
     """A human-readable location for error messages: URI plus endpoint, never credentials."""
     if fs.type_name == "s3":
-        endpoint = ""
-        try:
-            options = fs.__reduce__()[1][0]
-            if options.get("endpoint_override"):
-                endpoint = f" at {options.get('scheme') or 'https'}://{options['endpoint_override']}"
-        except Exception:  # noqa: BLE001 - only cosmetic; pyarrow may change its pickle layout
-            pass
-        return redact_userinfo(f"s3://{path}{endpoint}")
+        return redact_userinfo(f"s3://{path}{_endpoint(fs)}")
     if fs.type_name == "local":
         return path
     return redact_userinfo(f"{fs.type_name}://{path}")
+
+
+def overlap(fs_a: pafs.FileSystem, path_a: str, fs_b: pafs.FileSystem, path_b: str) -> bool:
+    """Whether two locations on the same store are one and the same or one lies inside the other."""
+    if fs_a.type_name != fs_b.type_name or _endpoint(fs_a) != _endpoint(fs_b):
+        return False
+    a, b = (posixpath.normpath(p).rstrip("/") for p in (path_a, path_b))
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
 
 
 def _classify(err: BaseException) -> str:

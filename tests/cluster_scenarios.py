@@ -49,7 +49,7 @@ def purify_actors_started() -> int:
 
 
 def one_gpu(work: Path) -> dict:
-    """ray.init(num_gpus=1): the default vote on one logical GPU, then a plan asking 2 GPUs per purifier."""
+    """ray.init(num_gpus=1): the default vote on one logical GPU, then a plan asking 2 one-GPU purifiers."""
     import ray
 
     src = make_fmnist_shards(pafs.LocalFileSystem(), str(work / "src"), n_shards=2, per_shard=12, fmt="parquet")
@@ -60,7 +60,7 @@ def one_gpu(work: Path) -> dict:
              "purify_actors": purify_actors_started(), "method": cfg.purify.method, "mean_nfe": summary.mean_nfe}
     try:
         run_sanitize(load_config(overrides=[f"source.uri={src.root}", f"output.uri={work / 'out2'}", *DEFAULT_VOTE,
-                                            "resources.gpus_per_actor=2"]))
+                                            "resources.gpus_per_actor=1", "resources.purify_actors=2"]))
         facts["placement_error"] = None
     except PlacementError as e:
         facts["placement_error"] = str(e)

@@ -24,7 +24,7 @@ from pipeline.blackbox.base import BUDGET_EXHAUSTED
 from pipeline.config import load_config
 from pipeline.cores import CoreShare, cgroup_cpu_quota, usable_cores
 from pipeline.job import run_sanitize
-from pipeline.placement import PlacementError, PlanDemand, check_placement
+from pipeline.placement import PlacementError, PlanDemand, check_placement, plan_demand
 from pipeline.service import split_limits
 from pipeline.stages import GpuMismatchError, check_gpu
 from tests.plugins.s3 import make_fmnist_shards
@@ -48,8 +48,8 @@ def test_default_vote_on_one_logical_gpu_and_a_plan_that_cannot_be_placed(tmp_pa
     assert sorted(f["keys"]) == f["expected"] and f["errors"] == 0
     assert f["purify_actors"] == 1, "the vote must run in one purify pool: one model on the one GPU"
     assert f["mean_nfe"] > 8  # the vote really ran more than one pass somewhere
-    # 2 GPUs per purifier on a 1-GPU cluster: refused in preflight, before any actor starts, saying what to change.
-    assert f["placement_error"] and "gpus_per_actor" in f["placement_error"], f["placement_error"]
+    # 2 one-GPU purifiers on a 1-GPU cluster: refused in preflight, before any actor starts, saying what to change.
+    assert f["placement_error"] and "purify_actors" in f["placement_error"], f["placement_error"]
     assert f["purify_actors_after_refusal"] == f["purify_actors"] and not f["out2_written"]
 
 
@@ -204,6 +204,29 @@ def test_placement_counts_gpus_cpus_and_what_ray_data_needs():
         check_placement(PlanDemand(1, 1, 1, 1, 1), [{"CPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}])
     with pytest.raises(PlacementError, match="read / write"):
         check_placement(PlanDemand(1, 1, 1, 1, 0), [{"CPU": 2.0, "GPU": 1.0}], task_cpus=2)
+    # A decode task asks for resources.decode_cpus on one node: CPUs spread over nodes do not add up for it.
+    two_small = [{"CPU": 2.0}, {"CPU": 2.0}]
+    check_placement(PlanDemand(1, 0, 0, 1, 0), two_small, largest_task=2.0)
+    with pytest.raises(PlacementError, match="decode_cpus"):
+        check_placement(PlanDemand(1, 0, 0, 1, 0), two_small, largest_task=3.0)
+    # A CPU purifier reserves nothing by default (a 2-CPU machine needs its CPUs for Ray Data's tasks), except where
+    # a node offers no CPU: an actor that reserves nothing could land on a head kept free of work.
+    cfg = load_config(overrides=["resources.gpus_per_actor=0"])
+    assert plan_demand(cfg, False, 2.0).cpus_per_purifier == 0
+    assert plan_demand(cfg, False, 8.0, cpu_free_node=True).cpus_per_purifier == 1
+    assert plan_demand(load_config(overrides=[]), True, 8.0, cpu_free_node=True).gpus_per_purifier == 1
+
+
+def test_plans_refused_before_any_work_on_a_local_cluster(ray_local, tmp_path):
+    """Ray Data would wait for ever on a decode task no node can take; and on an autoscaling cluster without a GPU
+    yet, "1 GPU when the cluster has GPUs" would quietly mean CPU purifiers."""
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=1, per_shard=4, fmt="parquet")
+    base = [f"source.uri={src.root}", f"output.uri={tmp_path / 'out'}"]
+    with pytest.raises(PlacementError, match="decode_cpus"):
+        run_sanitize(load_config(overrides=[*base, "resources.decode_cpus=3"]))
+    with pytest.raises(PlacementError, match="gpus_per_actor is null"):
+        run_sanitize(load_config(overrides=[*base, "resources.wait_for_nodes_s=5"]))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.parquet"))
 
 
 def test_service_splits_rate_and_concurrency_to_the_totals_and_keeps_the_budget_whole():

@@ -326,6 +326,8 @@ def test_timeout_is_a_deadline_for_a_trickled_answer(crafted_v2_server):
     "blackbox.rate_limit_qps=0", "blackbox.timeout_s=.inf", "blackbox.timeout_s=.nan", "blackbox.retries=1000",
     "resources.query_batch_size=100000000", "blackbox.max_concurrency=100000", "resources.decode_cpus=.inf",
     "source.max_image_bytes=100000000000", "blackbox.query_budget=-1",
+    "resources.gpus_per_actor=1.5",  # Ray refuses it only after the probe and the gate's queries were billed
+    "resources.gpus_per_actor=2",  # one model on two GPUs: half of them idle
 ])
 def test_config_values_have_sane_ranges(override: str) -> None:
     with pytest.raises(ValueError, match="invalid config"):
@@ -425,6 +427,8 @@ def test_credentials_inside_an_endpoint_url_never_appear():
     ["source.uri=s3://AKIAKEY:SeCrEtPass@bucket/p", "blackbox.uri=v2+http://127.0.0.1:9/models/m",
      "resources.query_actors=9", "blackbox.max_concurrency=2"],  # a cross-field check prints the config
     ["blackbox.headers={Authorization: Bearer SeCrEtTok}"],  # an unknown key whose value is a secret
+    ["blackbox.auth_env=eyJSeCrEt.payload.sig"],  # a token pasted where the name of its env var goes
+    ["blackbox.header_env={X-Api-Key: sk-SeCrEt-1}"],
     ["purify.params={t_start: SeCrEt, steps: [1"],  # not YAML at all
 ])
 def test_config_errors_name_the_field_never_the_value(overrides):
@@ -448,6 +452,29 @@ def test_uri_paths_keep_every_character_of_the_key(uri, path):
     assert uri_path(uri) == path
     if uri.startswith("gs://"):  # pyarrow's own parse would cut the key at "#"
         assert resolve_filesystem(uri)[1] == path
+
+
+@pytest.mark.parametrize("inside", ["output", "source"])
+def test_an_output_inside_the_source_or_around_it_is_refused_before_any_work(tmp_path, inside):
+    """A rerun would list its own output files as source shards: every key would repeat, and the rows already
+    written would come back as duplicate-key errors."""
+    from pipeline.job import preflight
+    from pipeline.storage import overlap
+    from tests.plugins.s3 import make_fmnist_shards
+
+    data = tmp_path / "data"
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(data / "shards"), 1, 4, "parquet")
+    out = data / "shards" / "zz-clean" if inside == "output" else tmp_path
+    with pytest.raises(StorageError, match="overlap"):
+        preflight(load_config(None, [f"source.uri={src.uri}", f"output.uri={out}"]))
+    assert not (data / "shards" / "zz-clean").exists()
+    preflight(load_config(None, [f"source.uri={src.uri}", f"output.uri={data / 'clean'}"]))  # beside it: fine
+    a = pafs.S3FileSystem(endpoint_override="127.0.0.1:9000", scheme="http", anonymous=True)
+    b = pafs.S3FileSystem(endpoint_override="127.0.0.1:9001", scheme="http", anonymous=True)
+    assert overlap(a, "bucket/in/", a, "bucket/in/out") and overlap(a, "bucket/in", a, "bucket/in")
+    assert not overlap(a, "bucket/in", a, "bucket/in-clean")  # a shared prefix is not a folder
+    assert not overlap(a, "bucket/in", b, "bucket/in/out")  # another server's bucket
+    assert not overlap(a, "bucket/in", pafs.LocalFileSystem(), "bucket/in/out")
 
 
 # ---------------------------------------------------------------------------------------------------------------
