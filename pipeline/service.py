@@ -120,14 +120,24 @@ class ServiceHandle:
         self.names, self.namespace, self.actors = names, namespace, actors
 
     def stats(self) -> dict[str, Any]:
+        """Totals over the actors that can still say; an actor lost for good (the budget's ledger is never
+        restarted) leaves its counts out, with a warning, instead of failing a job whose rows are written."""
         import ray
 
-        parts = ray.get([a.stats.remote() for a in self.actors])
+        def ask(call: Any) -> dict[str, Any] | None:
+            try:
+                return ray.get(call, timeout=60)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                log.warning("a black-box service actor could not report its counts (%s): the summary leaves "
+                            "them out", type(e).__name__)
+                return None
+
+        parts = [ask(a.stats.remote()) for a in self.actors]
         keys = ("rows", "images", "queries", "attempts", "retries", "ok", "failures", "budget_rejected")
-        total = {k: sum(int(p.get(k, 0) or 0) for p in parts) for k in keys}
-        total["budget_left"] = parts[0].get("budget_left")
-        total.update({f"purifier_{k}" if k == "rows" else k: v
-                      for k, v in ray.get(self.actors[0].purifier_stats.remote()).items()})
+        total: dict[str, Any] = {k: sum(int(p.get(k, 0) or 0) for p in parts if p) for k in keys}
+        total["budget_left"] = parts[0].get("budget_left") if parts[0] else None
+        purifiers = ask(self.actors[0].purifier_stats.remote()) or {}
+        total.update({f"purifier_{k}" if k == "rows" else k: v for k, v in purifiers.items()})
         return total
 
     def rows_decided(self) -> int:

@@ -327,3 +327,23 @@ def test_cpu_purifiers_on_one_machine_share_its_cores(tmp_path, ray_local):
     assert me.members() == 1
     me.close()
     assert not any(me.folder.iterdir())
+
+
+def test_a_lost_budget_ledger_leaves_its_counts_out_of_the_summary_instead_of_failing_the_job(ray_local,
+                                                                                             victim_onnx):
+    """With a query budget the ledger actor is never restarted (a new one would forget what was spent): lost after
+    the rows are written, its counts are missing from the summary, and the job still reports."""
+    import numpy as np
+
+    from pipeline.service import start_service
+
+    spec = {"size": 28, "channels": 1, "scale": "unit", "input_name": "input-0", "datatype": "FP32"}
+    service = start_service(f"onnx:{victim_onnx}", spec, {"threads": 1, "query_budget": 50}, 2, 0.0, 4)
+    try:
+        images = np.zeros((3, 1, 28, 28), np.uint8)
+        ray_local.get(service.actors[1].predict.remote(images))
+        ray_local.kill(service.actors[0], no_restart=True)
+        stats = service.stats()
+        assert stats["images"] == 3 and stats["budget_left"] is None
+    finally:
+        service.close()
