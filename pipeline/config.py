@@ -61,7 +61,7 @@ class SourceConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = "fmnist-tiny"  # preset name, local save_pretrained folder, or hub id
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d{1,3})$")  # cuda:N in-process only (eval)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 

@@ -175,6 +175,9 @@ def source_spec(cfg: JobConfig) -> SourceSpec:
 
 def preflight(cfg: JobConfig) -> Preflight:
     """Everything that can be wrong before any work starts: source, destination, black box, model, method."""
+    if cfg.model.device.startswith("cuda:") and cfg.model.device != "cuda:0":
+        raise ValueError(f"model.device={cfg.model.device}: Ray gives each purify actor a GPU of its own, which it "
+                         "sees as cuda:0; use model.device=cuda (or auto)")
     spec = source_spec(cfg)
     fs_in, _ = resolve_filesystem(spec.uri, spec.endpoint_url)
     info = inspect_source(spec, fs_in)

@@ -328,6 +328,7 @@ def test_timeout_is_a_deadline_for_a_trickled_answer(crafted_v2_server):
     "source.max_image_bytes=100000000000", "blackbox.query_budget=-1",
     "resources.gpus_per_actor=1.5",  # Ray refuses it only after the probe and the gate's queries were billed
     "resources.gpus_per_actor=2",  # one model on two GPUs: half of them idle
+    "model.device=gpu",
 ])
 def test_config_values_have_sane_ranges(override: str) -> None:
     with pytest.raises(ValueError, match="invalid config"):
@@ -469,6 +470,8 @@ def test_an_output_inside_the_source_or_around_it_is_refused_before_any_work(tmp
         preflight(load_config(None, [f"source.uri={src.uri}", f"output.uri={out}"]))
     assert not (data / "shards" / "zz-clean").exists()
     preflight(load_config(None, [f"source.uri={src.uri}", f"output.uri={data / 'clean'}"]))  # beside it: fine
+    with pytest.raises(ValueError, match="cuda:0"):  # what a purify actor sees of the GPU Ray gives it
+        preflight(load_config(None, [f"source.uri={src.uri}", f"output.uri={data / 'clean'}", "model.device=cuda:1"]))
     a = pafs.S3FileSystem(endpoint_override="127.0.0.1:9000", scheme="http", anonymous=True)
     b = pafs.S3FileSystem(endpoint_override="127.0.0.1:9001", scheme="http", anonymous=True)
     assert overlap(a, "bucket/in/", a, "bucket/in/out") and overlap(a, "bucket/in", a, "bucket/in")
