@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from pipeline.blackbox import InputSpec, open_blackbox
+from pipeline.blackbox import BlackBoxUnavailable, InputSpec, open_blackbox
 from pipeline.config import JobConfig
 from pipeline.decode import decode_batch, is_empty_error
 from pipeline.gate import gate_params, gate_threshold, top_probability
@@ -362,6 +362,11 @@ def calibrate_gate(quantile: float, images: np.ndarray, service: ServiceHandle) 
         return 0.0, True
     answer = ray.get(service.actors[0].predict.remote(images))
     answered = np.asarray(answer.labels) >= 0
+    if not answered.any():
+        # A gate measured on nothing would shut for the whole run, and the rows it decides would never be redone.
+        reason = next((e for e in answer.errors if e), "no answer")
+        raise BlackBoxUnavailable(f"the black box answered none of the {len(images)} images the vote's gate is "
+                                  f"measured on ({reason}): nothing was purified; rerun once it answers")
     if not answered.all():
         log.warning("the black box answered %d of the %d images the vote's gate is measured on: measured on those, "
                     "and measured again by the next run", int(answered.sum()), len(images))

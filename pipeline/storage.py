@@ -232,7 +232,7 @@ def _explain(kind: str, where: str, err: BaseException, attempts: int) -> str:
     if kind == "network":
         return (
             f"cannot reach the storage endpoint for {where} after {attempts} attempt(s): check the endpoint URL "
-            f"(--endpoint-url / S3_ENDPOINT_URL) and the network [{_first_line(err)}]"
+            f"(source.endpoint_url / output.endpoint_url, or env S3_ENDPOINT_URL) and the network [{_first_line(err)}]"
         )
     return f"cannot access {where}: {_first_line(err)}"
 

@@ -566,6 +566,24 @@ def test_a_released_key_takes_every_row_that_carries_it(tmp_path):
     assert marked == [dup, dup, None]
 
 
+def test_a_black_box_down_while_the_gate_is_measured_stops_the_job_before_any_row(ray_local, tmp_path,
+                                                                                 flaky_v2_server):
+    """A gate measured on no answer would stay shut for the whole run, and the rows decided under it would never
+    be redone: the job stops before the plan, and a rerun measures the gate and purifies every row."""
+    from tests.test_pipeline_e2e import CASCADE
+
+    srv = flaky_v2_server(fail_rate=0.0, schedule=["ok"] + ["503"] * 5)  # the probe, then the gate's request
+    src = make_fmnist_shards(LOCAL, str(tmp_path / "src"), n_shards=1, per_shard=8, fmt="parquet")
+    out = tmp_path / "out"
+    args = [f"source.uri={src.root}", f"output.uri={out}", f"blackbox.uri={srv.url}", CASCADE,
+            "blackbox.retries=4", *FAST[1:]]
+    with pytest.raises(BlackBoxUnavailable, match="answered none of the 8 images the vote's gate"):
+        run_sanitize(load_config(overrides=args))
+    assert not out.exists() or not any(out.glob("*.parquet"))
+    summary = run_sanitize(load_config(overrides=args))
+    assert summary.rows_this_run == 8 and summary.errors == 0 and summary.gate and summary.gate > 0
+
+
 def test_a_write_cut_short_inside_the_commit_is_redone_and_counted_as_this_runs(ray_local, tmp_path):
     """A data file whose checkpoint is still pending (a run cut short inside Ray's two-phase commit) is deleted by
     Ray when the next run starts, and its rows written again: they are that run's rows, in the summary too."""

@@ -202,6 +202,24 @@ def test_later_shards_lacking_columns_or_with_other_label_types_give_rows(ray_lo
     assert [rows[k]["label"] for k in ("e0", "e1", "f0", "f1")] == [6, -1, 7, -1]
 
 
+def test_a_first_shard_lacking_columns_does_not_decide_for_the_rest(ray_local, tmp_path):
+    """The first shard (by name) has neither labels nor keys nor images: the later shards keep theirs, and the
+    first shard's rows come out as error rows rather than failing the job or dropping every label."""
+    png = encode_png(np.zeros((1, 1, 28, 28), np.uint8))[0]
+    root = tmp_path / "pq"
+    root.mkdir()
+    pq.write_table(pa.table({"other": pa.array([1, 2], pa.int64())}), root / "a.parquet")
+    pq.write_table(pa.table({"key": ["b0", "b1"], "image": [png] * 2, "label": pa.array([3, 8], pa.int64())}),
+                   root / "b.parquet")
+    rows = _rows(read_source(SourceSpec(uri=str(root))))
+    assert len(rows) == 4
+    by_key = {r["key"]: r for r in rows if r["key"] is not None}
+    assert by_key["b0"]["label"] == 3 and by_key["b1"]["label"] == 8 and by_key["b0"]["image_bytes"] == png
+    first = [r for r in rows if r["shard"].endswith("a.parquet")]
+    assert len(first) == 2 and all(r["error"] == "missing key (column 'key' is null)" for r in first)
+    assert all(r["image_bytes"] is None and r["label"] == -1 for r in first)
+
+
 def test_a_later_shard_whose_footer_cannot_be_read_is_refused_naming_it(ray_local, tmp_path):
     png = encode_png(np.zeros((1, 1, 28, 28), np.uint8))[0]
     root = tmp_path / "pq"

@@ -55,30 +55,55 @@ def inspect(spec: SourceSpec, fs: pafs.FileSystem, root: str) -> SourceInfo:
                                                      if option == "key_column" else "")
             )
     info = SourceInfo(root=root, shards=list_shards(spec, fs))
-    first = info.shards[0]
-    schema, rows = _shard_footer(fs, first)
-    names = schema.names
-    if spec.image_column not in names:
+    footers = _footers(fs, info.shards)
+    info.shard_rows = [rows for _, rows in footers]
+    # Each column is judged by the first shard that has it: a first shard that lacks one (or holds it all null)
+    # must not decide for the others, whose rows would lose their labels or keys.
+    refs = {c: _first_with(info.shards, footers, c) for c in (spec.image_column, spec.key_column, spec.label_column)
+            if c}
+    if refs[spec.image_column] is None:
+        first, (schema, _) = info.shards[0], footers[0]
         raise SourceError(
-            f"image column {spec.image_column!r} not found in {describe(fs, first)} (columns: {', '.join(names)})"
+            f"image column {spec.image_column!r} not found in any of the {len(info.shards)} shard(s) under "
+            f"{describe(fs, root)} (columns of {describe(fs, first)}: {', '.join(schema.names)})"
         )
-    _check_image_type(spec, fs, first, schema.field(spec.image_column).type)
-    if spec.label_column and spec.label_column in names:
-        label_type = schema.field(spec.label_column).type
+    shard, image_type = refs[spec.image_column]
+    _check_image_type(spec, fs, shard, image_type)
+    if spec.label_column and refs[spec.label_column] is not None:
+        shard, label_type = refs[spec.label_column]
         if not pa.types.is_integer(label_type):
             raise SourceError(
-                f"label column {spec.label_column!r} in {describe(fs, first)} has type {label_type}; expected "
+                f"label column {spec.label_column!r} in {describe(fs, shard)} has type {label_type}; expected "
                 "integers (set label_column to another name or None to ignore it)"
             )
         info.has_label = True
-    if spec.key_column and spec.key_column in names:
-        _check_key_type(spec, fs, first, schema.field(spec.key_column).type)
+    if spec.key_column and refs[spec.key_column] is not None:
+        shard, key_type = refs[spec.key_column]
+        _check_key_type(spec, fs, shard, key_type)
         info.has_key = True
         info.id_column = spec.key_column
     else:
         info.id_column = "row_hash"
-    info.read_schema = _read_schema(spec, fs, info, schema, rows)
+    info.read_schema = _read_schema(spec, fs, info, footers, refs)
     return info
+
+
+def _footers(fs: pafs.FileSystem, shards: list[str]) -> list[tuple[pa.Schema, int]]:
+    """Every shard's schema and row count, read in parallel (object stores answer many small reads at once)."""
+    if len(shards) == 1:
+        return [_shard_footer(fs, shards[0])]
+    with ThreadPoolExecutor(min(_FOOTER_THREADS, len(shards))) as pool:
+        return list(pool.map(lambda shard: _shard_footer(fs, shard), shards))
+
+
+def _first_with(shards: list[str], footers: list[tuple[pa.Schema, int]],
+                column: str) -> tuple[str, pa.DataType] | None:
+    """The first shard holding `column` with a type (not absent, not all null), and that type."""
+    for shard, (schema, _) in zip(shards, footers, strict=True):
+        index = schema.get_field_index(column)
+        if index >= 0 and not pa.types.is_null(schema.field(index).type):
+            return shard, schema.field(index).type
+    return None
 
 
 def _shard_footer(fs: pafs.FileSystem, shard: str) -> tuple[pa.Schema, int]:
@@ -122,26 +147,18 @@ def _check_key_type(spec: SourceSpec, fs: pafs.FileSystem, shard: str, key_type:
         )
 
 
-def _read_schema(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo, first_schema: pa.Schema,
-                 first_rows: int) -> pa.Schema:
+def _read_schema(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo, footers: list[tuple[pa.Schema, int]],
+                 refs: dict[str, tuple[str, pa.DataType] | None]) -> pa.Schema:
     """The image, key and label columns with one type each that every shard's column casts to; given to the read,
     so that a shard lacking a column reads it as nulls (a ``missing key`` / ``missing image`` error row, label -1)
-    instead of failing its read task. Reads every other shard's footer, in parallel: a shard whose footer cannot
-    be read or whose column types do not fit the first shard's is refused here, named, before any work (Ray would
-    otherwise fail the job on it, or on a later shard than its schema sample reaches, mid-way). The footers' row
-    counts go to ``SourceInfo.shard_rows``."""
+    instead of failing its read task. A shard whose column types do not fit those of the first shard holding the
+    column is refused here, named, before any work (Ray would otherwise fail the job on it, or on a later shard than
+    its schema sample reaches, mid-way)."""
     columns = [spec.image_column]
     columns += [spec.key_column] if info.has_key else []
     columns += [spec.label_column] if info.has_label else []
-    rest = info.shards[1:]
-    footers = [(first_schema, first_rows)]
-    if rest:
-        with ThreadPoolExecutor(min(_FOOTER_THREADS, len(rest))) as pool:
-            footers += pool.map(lambda shard: _shard_footer(fs, shard), rest)
     schemas = [schema for schema, _ in footers]
-    info.shard_rows = [rows for _, rows in footers]
     types: dict[str, list[pa.DataType]] = {c: [] for c in columns}
-    first = info.shards[0]
     for shard, schema in zip(info.shards, schemas, strict=True):
         for column in columns:
             index = schema.get_field_index(column)
@@ -155,18 +172,18 @@ def _read_schema(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo, first_
             if column == spec.label_column:  # any numbers: what is no class id reads as -1 (see _labels)
                 fits = pa.types.is_integer(column_type) or pa.types.is_floating(column_type)
             else:
-                fits = _type_kind(column_type) == _type_kind(first_schema.field(column).type)
+                fits = _type_kind(column_type) == _type_kind(refs[column][1])
             if not fits:
+                ref_shard, ref_type = refs[column]
                 raise SourceError(
                     f"the Parquet shards under {describe(fs, info.root)} disagree on a column's type: {column!r} is "
-                    f"{column_type} in {describe(fs, shard)} but {first_schema.field(column).type} in "
-                    f"{describe(fs, first)}; rewrite the odd shards with the first shard's types, or point source.uri "
-                    "at one kind"
+                    f"{column_type} in {describe(fs, shard)} but {ref_type} in {describe(fs, ref_shard)}; rewrite "
+                    "the odd shards with the first shard's types, or point source.uri at one kind"
                 )
             types[column].append(column_type)
     fields = []
     for column in columns:
-        present = set(types[column])  # the first shard's type at least: inspect refused a null one there
+        present = set(types[column])  # the type of the first shard holding it at least (see inspect)
         if len(present) == 1:
             column_type = present.pop()
         elif column == spec.image_column:
