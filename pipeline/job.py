@@ -35,7 +35,7 @@ from pipeline.heap import releasing, worker_env
 from pipeline.paths import absolute_uri, shipped_path
 from pipeline.placement import PlacementError, PlanDemand, check_placement, plan_demand
 from pipeline.progress import ProgressLine
-from pipeline.requeue import release_retryable, uncommitted
+from pipeline.requeue import parquet_files, release_retryable, uncommitted
 from pipeline.service import ServiceHandle, start_service
 from pipeline.sink import output_schema, to_output_batch
 from pipeline.sources import (
@@ -113,14 +113,10 @@ def blackbox_options(cfg: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 def count_output(fs: pafs.FileSystem, path: str, skip: set[str] | frozenset = frozenset()) -> int:
     """Rows in the output's Parquet files, leaving out the files in `skip` (see requeue.uncommitted)."""
     try:
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.Directory:
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
             return 0
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        if skip:
-            files = [f for f in dataset.files if f not in skip]
-            dataset = pads.dataset(files, filesystem=fs, format="parquet") if files else None
-        return dataset.count_rows() if dataset is not None else 0
+        files = [f for f in parquet_files(fs, path) if f not in skip]
+        return pads.dataset(files, filesystem=fs, format="parquet").count_rows() if files else 0
     except (FileNotFoundError, OSError):
         return 0
 
@@ -526,8 +522,9 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
     seconds = time.time() - t0
 
     columns = ["error", "flagged", "nfe", "retryable"]
-    if fs_out.get_file_info(out_path).type == pafs.FileType.Directory:
-        dataset = pads.dataset(out_path, filesystem=fs_out, format="parquet")
+    files = parquet_files(fs_out, out_path)
+    if files:
+        dataset = pads.dataset(files, filesystem=fs_out, format="parquet")
         table = dataset.to_table(columns=[c for c in columns if c in dataset.schema.names])
     else:
         table = pa.table({})

@@ -48,7 +48,9 @@ def _visible(relative: str) -> bool:
     return not any(part.startswith(("_", ".")) for part in relative.split("/"))
 
 
-def _parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
+def parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    """The job's files under `root`: visible ``*.parquet`` files. Anything else a user leaves there (a note, a
+    listing) is not read, so it cannot fail a resume or the summary."""
     root = root.rstrip("/")
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
@@ -90,11 +92,11 @@ def uncommitted(fs: pafs.FileSystem, out_path: str, checkpoint_path: str) -> set
     Ray's checkpoint filter deletes them before the rerun reads its ids, so their rows do not count as written."""
     if not _exists(fs, checkpoint_path):
         return set()
-    pending = [p.rsplit("/", 1)[-1][:-len(PENDING_SUFFIX)] for p in _parquet_files(fs, checkpoint_path)
+    pending = [p.rsplit("/", 1)[-1][:-len(PENDING_SUFFIX)] for p in parquet_files(fs, checkpoint_path)
                if p.endswith(PENDING_SUFFIX)]
     if not pending:
         return set()
-    return {p for p in _parquet_files(fs, out_path) if p.rsplit("/", 1)[-1].startswith(tuple(pending))}
+    return {p for p in parquet_files(fs, out_path) if p.rsplit("/", 1)[-1].startswith(tuple(pending))}
 
 
 def released_ids(fs: pafs.FileSystem, out_path: str, id_column: str,
@@ -109,7 +111,7 @@ def released_ids(fs: pafs.FileSystem, out_path: str, id_column: str,
     duplicated = None if duplicated_keys is None else pa.array(sorted(duplicated_keys), pa.string())
     ids: list[pa.Array] = []
     written: Counter = Counter()  # rows of each repeated key in the output, by the id's own value
-    for path in _parquet_files(fs, out_path):
+    for path in parquet_files(fs, out_path):
         if path in skip:
             continue
         names = _schema_names(fs, path)
@@ -141,7 +143,7 @@ def release_retryable(fs: pafs.FileSystem, out_path: str, checkpoint_path: str, 
     ids = released_ids(fs, out_path, id_column, duplicated_keys, skip=doomed)
     if not len(ids):
         return Released(0, 0)
-    for path in _parquet_files(fs, checkpoint_path) if _exists(fs, checkpoint_path) else []:
+    for path in parquet_files(fs, checkpoint_path) if _exists(fs, checkpoint_path) else []:
         if path.endswith(PENDING_SUFFIX):
             continue
         t = pq.read_table(path, filesystem=fs)
@@ -151,7 +153,7 @@ def release_retryable(fs: pafs.FileSystem, out_path: str, checkpoint_path: str, 
         if int(pc.sum(keep).as_py() or 0) < t.num_rows:
             _rewrite(fs, path, t.filter(keep))
     removed = files = 0
-    for path in _parquet_files(fs, out_path):
+    for path in parquet_files(fs, out_path):
         if path in doomed or id_column not in _schema_names(fs, path):
             continue
         column = pq.read_table(path, filesystem=fs, columns=[id_column])[id_column]

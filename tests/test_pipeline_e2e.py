@@ -115,8 +115,9 @@ def test_bad_inputs_become_error_rows(ray_local, tmp_path):
 
 
 def test_a_stray_file_in_the_output_fails_the_job_up_front_naming_it(ray_local, tmp_path):
-    """Resume reads every output file before the job starts; one that is not Parquet (a note, a half-copied file)
-    stops the job there with a message naming it, and leaves no resume state behind for the next Ray Data job."""
+    """Resume reads every output *.parquet file before the job starts; one that is not Parquet (a half-copied file)
+    stops the job there with a message naming it, and leaves no resume state behind for the next Ray Data job.
+    Files with other names (a note) are not the job's: ignored."""
     from ray.data import DataContext
 
     src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=1, per_shard=4, fmt="parquet")
@@ -128,6 +129,11 @@ def test_a_stray_file_in_the_output_fails_the_job_up_front_naming_it(ray_local, 
         run_sanitize(cfg)
     assert DataContext.get_current().checkpoint_config is None
     assert not any(p.suffix == ".parquet" and p.name != "notes.parquet" for p in (tmp_path / "out").rglob("*"))
+    # What is not named *.parquet is not one of the job's files: left alone, and no reason to fail.
+    (tmp_path / "out" / "notes.parquet").rename(tmp_path / "out" / "notes.txt")
+    summary = run_sanitize(cfg)
+    assert summary.rows_total == summary.rows_this_run == 4 and summary.errors == 0
+    assert (tmp_path / "out" / "notes.txt").read_bytes() == b"not a parquet file"
 
 
 def test_fails_fast_on_wrong_bucket_and_dead_black_box(s3_server, tmp_path):
