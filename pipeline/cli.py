@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--previous", help="previous report.json for the trend")
     p.add_argument("--sample", type=int,
                    help="audit about N images: a hash sample of the whole source, the same rows while it is unchanged")
-    p.add_argument("--thresholds", help='JSON, e.g. {"max_class_replaced_rate": 0.3}; crossing one exits 3')
+    p.add_argument("--thresholds", help='JSON, e.g. {"max_class_replaced_rate": 0.3}, in place of the config\'s '
+                   'audit.thresholds (all of them: a key left out is not checked); crossing one exits 3')
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output.uri / report folder that already holds data (refused otherwise)")
     _common(p)

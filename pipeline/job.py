@@ -76,7 +76,7 @@ class Summary:
     output: str
     retryable: int = 0  # error rows the next run retries (black box, budget, credentials)
     retried: int = 0  # error rows of earlier runs this run processed again
-    queries: int = 0  # images the black box was asked about in this run (what its owner counts)
+    queries: int = 0  # images sent to the black box in this run, answered or not (what its owner may count)
     budget_rejected: int = 0
     unet_share: float = 0.0  # share of the purify actors' wall time spent in the diffusion model
     gate: float | None = None  # the vote's original-label gate as measured on the job's first rows (if measured)
