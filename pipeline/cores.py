@@ -97,6 +97,3 @@ class CoreShare:
     def threads(self) -> int:
         """This process's share of the usable cores (at least one thread)."""
         return max(1, usable_cores() // self.members())
-
-    def close(self) -> None:
-        self._entry.unlink(missing_ok=True)
