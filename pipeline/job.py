@@ -266,7 +266,9 @@ def ensure_placeable(cfg: JobConfig) -> bool:
 
 def withdraw_resource_request() -> None:
     """Ray keeps an autoscaler request until another replaces it: an empty one lets idle nodes go (idle timeouts)
-    on a long-lived cluster once the job is over."""
+    on a long-lived cluster once the job is over. The request is the cluster's, not the job's (Ray's API has one),
+    so this also withdraws what another job waiting on the same cluster asked for; its work still scales the
+    cluster through its own pending tasks."""
     from ray.autoscaler.sdk import request_resources
 
     try:
