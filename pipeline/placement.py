@@ -8,6 +8,7 @@ types an autoscaler may still add.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -91,10 +92,12 @@ def check_placement(demand: PlanDemand, nodes: Sequence[Mapping[str, float]],
             missing.append(f"black-box actor {i + 1} of {demand.blackbox_actors} ({demand.cpus_per_blackbox:g} CPU) "
                            "does not fit on any node: lower resources.query_actors or resources.query_cpus")
             break
-    left = sum(max(0.0, n.get("CPU", 0.0)) for n in free)
+    # Each of those tasks takes a whole CPU on one node: half a CPU left on each of two nodes runs none of them.
+    left = sum(math.floor(max(0.0, n.get("CPU", 0.0)) + 1e-9) for n in free)
     if not missing and left + 1e-9 < task_cpus:
         missing.append(f"{task_cpus:g} CPU(s) for Ray Data's read / write / resume tasks, but the actors leave "
-                       f"{left:g}: lower resources.purify_cpus or resources.query_cpus, or add CPUs")
+                       f"{left:g} whole CPU(s) on the nodes: lower resources.purify_cpus or resources.query_cpus, or "
+                       "add CPUs")
     most = max((n.get("CPU", 0.0) for n in free), default=0.0)
     if not missing and most + 1e-9 < largest_task:
         missing.append(f"a task of {largest_task:g} CPU(s) (resources.decode_cpus), but no node has that many left "

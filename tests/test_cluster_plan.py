@@ -204,6 +204,11 @@ def test_placement_counts_gpus_cpus_and_what_ray_data_needs():
         check_placement(PlanDemand(1, 1, 1, 1, 1), [{"CPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}])
     with pytest.raises(PlacementError, match="read / write"):
         check_placement(PlanDemand(1, 1, 1, 1, 0), [{"CPU": 2.0, "GPU": 1.0}], task_cpus=2)
+    # Ray Data's tasks take whole CPUs: two halves left on two nodes are not one CPU.
+    two_gpu_nodes = [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
+    check_placement(PlanDemand(2, 1, 1, 1, 0), two_gpu_nodes, min_purifiers=2, task_cpus=2)
+    with pytest.raises(PlacementError, match="leave 0 whole CPU"):
+        check_placement(PlanDemand(2, 1, 1.5, 1, 0), two_gpu_nodes, min_purifiers=2, task_cpus=1)
     # A decode task asks for resources.decode_cpus on one node: CPUs spread over nodes do not add up for it.
     two_small = [{"CPU": 2.0}, {"CPU": 2.0}]
     check_placement(PlanDemand(1, 0, 0, 1, 0), two_small, largest_task=2.0)
