@@ -97,3 +97,7 @@ class CoreShare:
     def threads(self) -> int:
         """This process's share of the usable cores (at least one thread)."""
         return max(1, usable_cores() // self.members())
+
+    def close(self) -> None:
+        """Leave the group now (a process that stays alive after its purifier is done)."""
+        self._entry.unlink(missing_ok=True)
