@@ -178,7 +178,7 @@ def _read_schema(spec: SourceSpec, fs: pafs.FileSystem, info: SourceInfo, footer
                 raise SourceError(
                     f"the Parquet shards under {describe(fs, info.root)} disagree on a column's type: {column!r} is "
                     f"{column_type} in {describe(fs, shard)} but {ref_type} in {describe(fs, ref_shard)}; rewrite "
-                    "the odd shards with the first shard's types, or point source.uri at one kind"
+                    "the odd shards with that shard's types, or point source.uri at one kind"
                 )
             types[column].append(column_type)
     fields = []
