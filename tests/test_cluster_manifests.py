@@ -652,6 +652,8 @@ elif args[:2] == ["get", "rayjob"] and "jsonpath={{.status.jobDeploymentStatus}}
     print(["", "Initializing", "Running"][n] if n < 3 else os.environ["FAKE_DEPLOYMENT"], end="")
 elif args[:2] == ["get", "rayjob"] and "jsonpath={{.status.jobStatus}}" in args:
     print(os.environ["FAKE_JOB_STATUS"], end="")
+elif args[:2] == ["get", "rayjob"] and "jsonpath={{.status.message}}" in args:
+    print(os.environ.get("FAKE_MESSAGE", ""), end="")
 elif args[:2] == ["get", "rayjob"]:
     print("reason: message")
 elif args[0] == "delete":
@@ -662,24 +664,34 @@ else:
 '''
 
 
+# Ray's message for an entrypoint that exited non-zero (job_supervisor.py), which KubeRay copies into the RayJob.
+RAY_EXIT = "Job entrypoint command failed with exit code {}, last available logs (truncated to 20,000 chars):\n..."
+
+
 @pytest.mark.parametrize(
-    "existing,deployment,job_status,rc,creates",
+    "existing,deployment,job_status,message,rc,creates",
     [
-        ("", "Complete", "SUCCEEDED", 0, True),
-        ("", "Complete", "FAILED", 1, True),  # a crossed audit threshold fails the CronJob's Job
-        ("", "Failed", "", 1, True),  # e.g. the RayJob's activeDeadlineSeconds
-        ("", "ValidationFailed", "", 1, True),  # ends the wait instead of polling forever
-        ("", "Suspended", "", 1, True),
+        ("", "Complete", "SUCCEEDED", "", 0, True),
+        # The audit's exit code comes through: a crossed threshold (3) and a retryable remainder (75) are not an
+        # outage (1), so alerting can tell them apart.
+        ("", "Complete", "FAILED", RAY_EXIT.format(3), 3, True),
+        ("", "Complete", "FAILED", RAY_EXIT.format(75), 75, True),
+        ("", "Failed", "FAILED", RAY_EXIT.format(3), 3, True),
+        ("", "Complete", "FAILED", RAY_EXIT.format(2), 1, True),  # a config error
+        ("", "Complete", "FAILED", "", 1, True),
+        ("", "Failed", "", "", 1, True),  # e.g. the RayJob's activeDeadlineSeconds
+        ("", "ValidationFailed", "", "", 1, True),  # ends the wait instead of polling forever
+        ("", "Suspended", "", "", 1, True),
         # Still running: skip, and fail (this run audited nothing; a RayJob stuck there must not look green).
-        ("bbpurify-audit-old=Complete\nbbpurify-audit-prev=Running\n", "", "", 1, False),
-        ("bbpurify-audit-new=\n", "", "", 1, False),  # created, not yet seen by the operator: running
+        ("bbpurify-audit-old=Complete\nbbpurify-audit-prev=Running\n", "", "", "", 1, False),
+        ("bbpurify-audit-new=\n", "", "", "", 1, False),  # created, not yet seen by the operator: running
         # Stuck RayJobs never leave these states: they must not make every later run skip.
-        ("bbpurify-audit-old=ValidationFailed\n", "Complete", "SUCCEEDED", 0, True),
-        ("bbpurify-audit-old=Suspended\nbbpurify-audit-x=Failed\n", "Complete", "SUCCEEDED", 0, True),
+        ("bbpurify-audit-old=ValidationFailed\n", "Complete", "SUCCEEDED", "", 0, True),
+        ("bbpurify-audit-old=Suspended\nbbpurify-audit-x=Failed\n", "Complete", "SUCCEEDED", "", 0, True),
     ],
 )
 def test_audit_scheduler_script(
-    tmp_path: Path, existing: str, deployment: str, job_status: str, rc: int, creates: bool
+    tmp_path: Path, existing: str, deployment: str, job_status: str, message: str, rc: int, creates: bool
 ) -> None:
     (cron,) = find("CronJob", "audit-cronjob.yaml")
     container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
@@ -693,13 +705,13 @@ def test_audit_scheduler_script(
     script = container["args"][0].replace("/template/", f"{tmp_path}/").replace("sleep 30", "sleep 0")
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STATE": str(tmp_path), "FAKE_EXISTING": existing,
-        "FAKE_DEPLOYMENT": deployment, "FAKE_JOB_STATUS": job_status,
+        "FAKE_DEPLOYMENT": deployment, "FAKE_JOB_STATUS": job_status, "FAKE_MESSAGE": message,
         **{e["name"]: e["value"] for e in container["env"]},
     }
     env["BBPURIFY_IMAGE"] = "registry.example.com/team/bbpurify:1.2.3"
     proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert not (tmp_path / "stuck").exists(), "the scheduler kept waiting on a RayJob that will not change"
-    assert (proc.returncode != 0) == bool(rc), proc.stdout + proc.stderr
+    assert proc.returncode == rc, proc.stdout + proc.stderr
     created = tmp_path / "created.yaml"
     assert created.exists() == creates, proc.stdout + proc.stderr
     if creates:
