@@ -70,10 +70,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from pipeline.audit.run import run_audit
 
     cfg = load_config(args.config, args.overrides)
-    alerts = run_audit(cfg, Path(args.report) if args.report else None, previous=args.previous,
-                       sample=args.sample, thresholds=json.loads(args.thresholds) if args.thresholds else None,
-                       overwrite=args.overwrite)
-    return 3 if alerts else 0
+    try:
+        thresholds = json.loads(args.thresholds) if args.thresholds else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--thresholds is not valid JSON ({e}); e.g. '{{\"max_class_replaced_rate\": 0.3}}'") from None
+    outcome = run_audit(cfg, args.report, previous=args.previous,
+                        sample=args.sample, thresholds=thresholds, overwrite=args.overwrite)
+    # An alert says more than a partial sample: it wins.
+    return 3 if outcome.alerts else EXIT_RETRYABLE if outcome.retryable else 0
 
 
 def main(argv: list[str] | None = None) -> int:

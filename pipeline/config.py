@@ -142,7 +142,8 @@ class OutputConfig(_Section):
 
 
 class AuditConfig(_Section):
-    report_uri: str | None = None  # where report.json/html go (default: <output.uri>/_report)
+    # where report.json/html go besides the local --report folder (default: <output.uri>/_report for a remote output)
+    report_uri: str | None = None
     previous: str | None = None  # an earlier report.json (local or s3://) for the trend
     # also write report.json here, to be the next run's `previous`; not on a run that raised an alert
     publish_latest: str | None = None

@@ -81,8 +81,8 @@ class Summary:
     unet_share: float = 0.0  # share of the purify actors' wall time spent in the diffusion model
     gate: float | None = None  # the vote's original-label gate as measured on the job's first rows (if measured)
 
-    def line(self) -> str:
-        retry = f" ({self.retryable} retryable: rerun the same job to retry them)" if self.retryable else ""
+    def line(self, rerun: str = "rerun the same job to retry them") -> str:
+        retry = f" ({self.retryable} retryable: {rerun})" if self.retryable else ""
         return (f"rows {self.rows_total} (this run {self.rows_this_run}), errors {self.errors}{retry}, "
                 f"flagged {self.flagged}, mean NFE {self.mean_nfe:.1f}, {self.seconds:.1f}s, "
                 f"{self.images_per_s:.1f} img/s, black-box queries {self.queries}, "

@@ -24,7 +24,7 @@ column             type         meaning
                                 the row's own data failed (undecodable, too large), which no rerun can fix
 ``image_orig_png`` binary, null optional (``keep_orig``): the decoded, size-normalised original as PNG
 native id column   as read      optional: the reader's id column used for resume when it is not ``key``
-                                (``path`` for image folders, ``__key__`` for WebDataset, ``row_hash`` or the
+                                (``path`` for image folders, ``sample_id`` for WebDataset, ``row_hash`` or the
                                 Parquet key column)
 =================  ===========  ============================================================================
 

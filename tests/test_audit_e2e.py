@@ -70,3 +70,16 @@ def test_audit_flags_the_backdoor_target_and_exits_nonzero_on_threshold(ray_loca
     assert code == 3 and empty["rows"] == 0 and empty["alerts"] == [
         "nothing was measured: no valid row (0 rows, 0 of them errors)"], empty["alerts"]
     assert json.loads(latest.read_text())["generated_at"] == again["generated_at"], "not the new baseline"
+
+    # The black box's budget runs out part-way: the rows it did not answer are retryable error rows. The audit says
+    # so (exit 75, the report's count) and its rates, measured on what happened to be answered, do not become the
+    # baseline.
+    capsys.readouterr()
+    code = run(5, {"max_class_replaced_rate": 0.99}, "--sample", "60", "blackbox.query_budget=101")
+    partial = json.loads((tmp_path / "report5" / "report.json").read_text())
+    assert code == 75, capsys.readouterr().out
+    assert 0 < partial["retryable_errors"] == partial["errors"] < partial["rows"] and not partial["alerts"]
+    assert "run the audit again" in capsys.readouterr().out
+    assert json.loads(latest.read_text())["generated_at"] == again["generated_at"], "not the new baseline"
+    # An alert says more than a partial sample: it wins.
+    assert run(6, {"max_error_rate": 0.1}, "--sample", "60", "blackbox.query_budget=101") == 3

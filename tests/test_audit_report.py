@@ -152,6 +152,19 @@ def test_thresholds_crossed_and_not_crossed(table: pa.Table, tmp_path: Path) -> 
                                                                "errors)"]
     assert evaluate_thresholds(report, {"min_rows": 197}) != [] and evaluate_thresholds(report, {"min_rows": 196}) == []
 
+    # A rate exactly at its limit passes, though a difference of two rates lands a rounding error above it.
+    at_limit = {**report, "flip_rate": 68 / 500, "trend": {"flip_rate_delta": 68 / 500 - 43 / 500}}
+    assert 68 / 500 - 43 / 500 > 0.05
+    assert evaluate_thresholds(at_limit, {"max_flip_rate_increase": 0.05, "max_flip_rate": 0.136}) == []
+    assert evaluate_thresholds({**at_limit, "flip_rate": 69 / 500, "trend": {"flip_rate_delta": 69 / 500 - 43 / 500}},
+                               {"max_flip_rate_increase": 0.05, "max_flip_rate": 0.136}) == [
+        "flip rate 0.1380 > max_flip_rate 0.136",
+        "flip rate rose by 0.0520 since the previous report > max_flip_rate_increase 0.05"]
+
+    # YAML's `true` is no rate of 1 (which would check nothing) nor a row count; NaN is no limit.
+    for bad in ({"max_flip_rate": True}, {"min_rows": True}, {"max_error_rate": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            evaluate_thresholds(report, bad)
     with pytest.raises(ValueError, match="max_flip_rat"):
         evaluate_thresholds(report, {"max_flip_rat": 0.1})
     with pytest.raises(ValueError):

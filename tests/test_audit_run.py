@@ -138,6 +138,56 @@ def test_audit_sample_becomes_a_fraction_of_the_whole_source(tmp_path: Path) -> 
         draw_sample(_cfg(tmp_path, tmp_path / "out", f"source.uri={parquet.uri}"), -3)
 
 
+def test_overwrite_never_clears_the_source_or_the_baseline(tmp_path: Path) -> None:
+    """`overwrite` clears the audit's own output; an output that is or holds the source, or holds the report the
+    audit compares with, is refused before anything is deleted."""
+    shards = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "data" / "shards"), 2, 5, "parquet")
+    before = sorted(p.name for p in (tmp_path / "data" / "shards").rglob("*"))
+    for out in (tmp_path / "data", tmp_path / "data" / "shards", tmp_path / "data" / "shards" / "audit"):
+        cfg = _cfg(tmp_path, out, f"source.uri={shards.uri}")
+        with pytest.raises(AuditError, match="overlap"):
+            run_audit(cfg, tmp_path / "report", overwrite=True)
+        assert sorted(p.name for p in (tmp_path / "data" / "shards").rglob("*")) == before
+
+    latest = tmp_path / "audits" / "latest" / "report.json"
+    latest.parent.mkdir(parents=True)
+    latest.write_text("{}")
+    for setting in ("audit.previous", "audit.publish_latest"):
+        cfg = _cfg(tmp_path, tmp_path / "audits", f"source.uri={shards.uri}", f"{setting}={latest}")
+        with pytest.raises(AuditError, match=f"{setting} .* lies inside the audit output"):
+            run_audit(cfg, tmp_path / "report", overwrite=True)
+        assert latest.read_text() == "{}"
+
+
+def test_report_locations_are_checked_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Where the report goes is checked before the expensive part, not found wrong after it."""
+    remote = tmp_path / "reports" / "run7"
+    remote.mkdir(parents=True)
+    (remote / "report.html").write_text("an earlier audit's")
+    with pytest.raises(AuditError, match="already holds report.html"):
+        run_audit(_cfg(tmp_path, tmp_path / "out", f"audit.report_uri={remote}"), tmp_path / "report")
+    assert (remote / "report.html").read_text() == "an earlier audit's"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(AuditError, match="is a file"):
+        run_audit(_cfg(tmp_path, tmp_path / "out", f"audit.report_uri={tmp_path / 'a-file'}"), tmp_path / "report")
+    with pytest.raises(AuditError, match="is a folder"):
+        run_audit(_cfg(tmp_path, tmp_path / "out", f"audit.publish_latest={remote}"), tmp_path / "report")
+    # Past these checks, the audit goes on to the source (which does not exist here).
+    with pytest.raises(StorageError):
+        run_audit(_cfg(tmp_path, tmp_path / "out", f"audit.report_uri={remote}"), tmp_path / "report",
+                  overwrite=True)
+
+    # The CLI: a remote --report, a sample of 0 rows and thresholds that are not JSON are refused, named.
+    out = f"output.uri={tmp_path / 'out'}"
+    assert main(["audit", "--report", "s3://bucket/reports", out]) == 2
+    assert "set audit.report_uri" in capsys.readouterr().err and not Path("s3:").exists()
+    assert main(["audit", "--report", str(tmp_path / "r"), "--sample", "0", out]) == 2
+    assert "at least 1 row, got 0" in capsys.readouterr().err
+    assert main(["audit", "--report", str(tmp_path / "r"), "--thresholds", "{bad", out]) == 2
+    assert "--thresholds is not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("content,match", [
     ("{not json", "Expecting property name"),
     ("[1, 2]", "not a JSON object"),

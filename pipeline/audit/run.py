@@ -2,8 +2,9 @@
 previous report, and return the alerts (the CLI exits non-zero on any, so a scheduler can page someone).
 
 Everything that can be wrong with the request (thresholds, the previous report, an output or report folder that
-already holds data) is checked before the sanitize run, which is the expensive part. An audit never deletes or
-overwrites what it did not write in this run unless the caller passes `overwrite=True`.
+already holds data, an output that overlaps the source or the reports) is checked before the sanitize run, which is
+the expensive part, and before `overwrite` clears anything. An audit never deletes or overwrites what it did not
+write in this run unless the caller passes `overwrite=True`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -18,7 +20,7 @@ import pyarrow.fs as pafs
 from pipeline.audit.report import build_report, check_previous, load_output
 from pipeline.audit.thresholds import parse_thresholds
 from pipeline.config import JobConfig
-from pipeline.storage import resolve_filesystem
+from pipeline.storage import describe, overlap, resolve_filesystem
 
 log = logging.getLogger(__name__)
 REPORT_FILES = ("report.json", "report.html")
@@ -26,6 +28,14 @@ REPORT_FILES = ("report.json", "report.html")
 
 class AuditError(ValueError):
     """The audit request cannot be carried out as asked; nothing was purified or written."""
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    alerts: list[str]
+    # Error rows whose cause can pass by itself (the black box down, slow, out of budget, refusing the token): the
+    # audit measured fewer rows than it drew, and a later run may see them all.
+    retryable: int
 
 
 def read_previous(uri: str, endpoint_url: str | None) -> dict | None:
@@ -72,6 +82,46 @@ def _check_output(uri: str, endpoint_url: str | None, overwrite: bool) -> bool:
     return True
 
 
+def _check_apart(cfg: JobConfig, out_uri: str, files: dict[str, str]) -> None:
+    """Refuse an output that is the source, lies inside it or holds it (`overwrite` would delete the data to audit;
+    the job would read its own output as shards), or that holds a report this audit reads or publishes (`overwrite`
+    would delete the baseline)."""
+    from pipeline.job import source_spec
+    from pipeline.paths import absolute_uri
+
+    fs_out, out_path = resolve_filesystem(out_uri, cfg.output.endpoint_url)
+    spec = source_spec(cfg)
+    fs_in, src_path = resolve_filesystem(spec.uri, spec.endpoint_url)
+    if overlap(fs_in, src_path, fs_out, out_path):
+        raise AuditError(f"the audit output {describe(fs_out, out_path)} and the source {describe(fs_in, src_path)} "
+                         "overlap (one is the other or lies inside it): give the audit an output.uri of its own")
+    for what, uri in files.items():
+        fs, path = resolve_filesystem(absolute_uri(uri), cfg.output.endpoint_url)
+        if overlap(fs, path, fs_out, out_path):
+            raise AuditError(f"{what} {describe(fs, path)} lies inside the audit output {describe(fs_out, out_path)}, "
+                             "which every audit writes afresh: keep reports outside output.uri (e.g. "
+                             "audits/latest/report.json next to audits/<run id>/)")
+
+
+def _check_report_target(uri: str, endpoint_url: str | None, what: str, overwrite: bool,
+                         names: tuple[str, ...] = ()) -> None:
+    """Fail before the run, not after it, on a report location that cannot take the report: a folder where a file
+    goes, a file where a folder goes, or report files already there (without overwrite)."""
+    fs, path = resolve_filesystem(uri, endpoint_url)
+    info = fs.get_file_info(path)
+    if not names:  # a file: publish_latest
+        if info.type == pafs.FileType.Directory:
+            raise AuditError(f"{what} {describe(fs, path)} is a folder; it names the report.json file to write")
+        return
+    if info.type == pafs.FileType.File:
+        raise AuditError(f"{what} {describe(fs, path)} is a file; it names the folder to write "
+                         f"{' and '.join(names)} into")
+    there = [n for n in names if fs.get_file_info(f"{path.rstrip('/')}/{n}").type == pafs.FileType.File]
+    if there and not overwrite:
+        raise AuditError(f"{what} {describe(fs, path)} already holds {', '.join(there)}: give this audit its own "
+                         "report location, or ask for the files to be replaced with overwrite")
+
+
 def _clear_output(uri: str, endpoint_url: str | None) -> None:
     fs, path = resolve_filesystem(uri, endpoint_url)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
@@ -116,10 +166,11 @@ def draw_sample(cfg: JobConfig, sample: int | None) -> dict:
             "limit": s.limit, **({"fraction_asked": asked} if asked is not None else {})}
 
 
-def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | None = None,
-              sample: int | None = None, thresholds: dict | None = None, overwrite: bool = False) -> list[str]:
-    """Sanitize a sample, write the report, return its alerts. `overwrite` lets the audit replace an output folder
-    and report files that already exist; without it, they make the audit fail before any work."""
+def run_audit(cfg: JobConfig, report_dir: Path | str | None = None, previous: str | None = None,
+              sample: int | None = None, thresholds: dict | None = None, overwrite: bool = False) -> AuditOutcome:
+    """Sanitize a sample, write the report, return its alerts and how many rows are left to retry. `overwrite` lets
+    the audit replace an output folder and report files that already exist; without it, they make the audit fail
+    before any work."""
     from pipeline.job import run_sanitize
     from pipeline.paths import absolute_uri
 
@@ -132,39 +183,54 @@ def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | No
     cfg.output.keep_original = True
     cfg.output.resume = False  # an audit is a fresh sample, never a continuation
     out_uri = absolute_uri(cfg.output.uri)
+    endpoint = cfg.output.endpoint_url
     prev_uri = previous or a.previous
-    prev = read_previous(absolute_uri(prev_uri), cfg.output.endpoint_url) if prev_uri else None
+    if report_dir is not None and "://" in str(report_dir):
+        raise AuditError(f"the report folder (--report) is a local folder, got {report_dir}: to put the report in "
+                         "object storage, set audit.report_uri")
+    _check_apart(cfg, out_uri, {name: uri for name, uri in (("audit.previous", prev_uri),
+                                                          ("audit.publish_latest", a.publish_latest)) if uri})
+    prev = read_previous(absolute_uri(prev_uri), endpoint) if prev_uri else None
     local = Path(report_dir) if report_dir else Path("out/audit-report")
     existing = [local / n for n in REPORT_FILES if (local / n).exists()]
     if existing and not overwrite:
         raise AuditError(f"report folder {local} already holds {', '.join(p.name for p in existing)}: give this "
                          "audit its own report folder (--report), or ask for the files to be replaced with overwrite")
-    to_clear = _check_output(out_uri, cfg.output.endpoint_url, overwrite)
-    drawn = draw_sample(cfg, sample or a.sample)  # lists the source: a wrong one fails before anything is deleted
+    remote = a.report_uri or (cfg.output.uri.rstrip("/") + "/_report" if "://" in cfg.output.uri else None)
+    if a.report_uri:  # the default lies in the output, checked (and cleared with overwrite) with it
+        _check_report_target(absolute_uri(a.report_uri), endpoint, "audit.report_uri", overwrite, REPORT_FILES)
+    if a.publish_latest:
+        _check_report_target(absolute_uri(a.publish_latest), endpoint, "audit.publish_latest", overwrite)
+    to_clear = _check_output(out_uri, endpoint, overwrite)
+    # lists the source: a wrong one fails before anything is deleted
+    drawn = draw_sample(cfg, a.sample if sample is None else sample)
     if to_clear:
-        _clear_output(out_uri, cfg.output.endpoint_url)
+        _clear_output(out_uri, endpoint)
 
     summary = run_sanitize(cfg)
-    table = load_output(out_uri, endpoint_url=cfg.output.endpoint_url)
+    table = load_output(out_uri, endpoint_url=endpoint)
     report = build_report(table, local, previous=prev, thresholds=checked, class_names=cfg.blackbox.class_names,
                           sample=drawn)
     files = {name: (local / name).read_bytes() for name in REPORT_FILES}
-    remote = a.report_uri or (cfg.output.uri.rstrip("/") + "/_report" if "://" in cfg.output.uri else None)
     if remote:
-        _write(remote, cfg.output.endpoint_url, files)
+        _write(remote, endpoint, files)
     if a.publish_latest and report["alerts"]:
         # An alerting run does not become the baseline: a lasting jump would alert once, then be the new normal.
         log.warning("this audit raised alerts: %s is kept as the baseline; to accept this run as the new one, copy "
                     "its report.json there", a.publish_latest)
+    elif a.publish_latest and summary.retryable:
+        # Rates measured on what the black box happened to answer: not a baseline to compare the next runs with.
+        log.warning("%d rows are left to retry (the black box did not answer them): %s is kept as the baseline",
+                    summary.retryable, a.publish_latest)
     elif a.publish_latest:
         # The one file an audit overwrites on purpose: the user named it as the next run's `previous`.
-        fs, path = resolve_filesystem(absolute_uri(a.publish_latest), cfg.output.endpoint_url)
+        fs, path = resolve_filesystem(absolute_uri(a.publish_latest), endpoint)
         if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders to create
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         with fs.open_output_stream(path) as f:
             f.write(files["report.json"])
     top = report["most_replaced"][0] if report["most_replaced"] else None
-    print(summary.line())
+    print(summary.line(rerun="run the audit again (a new output.uri) to see them"))
     flip = report["flip_rate"]
     line = f"audit: {report['rows']} rows, flip rate " + ("n/a" if flip is None else f"{flip:.3f}")
     if top:
@@ -177,5 +243,5 @@ def run_audit(cfg: JobConfig, report_dir: Path | None = None, previous: str | No
     print(f"report: {(local / 'report.html').resolve()}" + (f" and {remote}/" if remote else ""))
     for alert in report["alerts"]:
         print(f"ALERT: {alert}")
-    return list(report["alerts"])
+    return AuditOutcome(list(report["alerts"]), summary.retryable)
 

@@ -18,25 +18,26 @@ class ThresholdError(ValueError):
 class Thresholds(BaseModel):
     """Every key is optional; an unset key checks nothing. Rates are shares in [0, 1]."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: YAML's `true` is not a rate of 1 (which would silently check nothing), nor a row count of 1.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     max_flip_rate: float | None = Field(
-        default=None, ge=0, le=1,
+        default=None, strict=True, ge=0, le=1,
         description="alert when the overall flip rate (pred_orig != pred_purified) exceeds this")
     max_class_replaced_rate: float | None = Field(
-        default=None, ge=0, le=1,
+        default=None, strict=True, ge=0, le=1,
         description="alert when any class's replaced rate exceeds this (classes with >= min_class_rows)")
     min_class_rows: int | None = Field(
-        default=None, ge=1,
+        default=None, strict=True, ge=1,
         description=f"rows a class needs before max_class_replaced_rate applies (default {DEFAULT_MIN_CLASS_ROWS})")
     max_error_rate: float | None = Field(
-        default=None, ge=0, le=1, description="alert when the share of error rows exceeds this")
+        default=None, strict=True, ge=0, le=1, description="alert when the share of error rows exceeds this")
     # A rise can be at most 1 (0 -> 1); a negative limit would alert on every unchanged run.
     max_flip_rate_increase: float | None = Field(
-        default=None, ge=0, le=1,
+        default=None, strict=True, ge=0, le=1,
         description="alert when the flip rate rose by more than this since the previous report")
     min_rows: int | None = Field(
-        default=None, ge=0,
+        default=None, strict=True, ge=0,
         description="alert when the audit has fewer valid (non-error) rows than this (an empty audit proves nothing)")
 
     def as_dict(self) -> dict[str, float | int]:
