@@ -282,6 +282,32 @@ def test_a_refused_request_is_split_until_each_refusal_names_one_row(crafted_v2_
     assert list(refused.retryable) == [True, True] and always.requests == 3
 
 
+def test_an_endpoint_refusing_every_image_is_not_the_images_fault(crafted_v2_server) -> None:
+    """A model reloading or an input contract changed under the job refuses every request: each image refused
+    alone then says nothing against it, so the rows are retried by the next run, not frozen as their own; so is a
+    lone image refused while that lasts. The first answer ends it."""
+    state = {"broken": True}
+
+    def respond(i: int, n: int, h) -> None:
+        if state["broken"]:
+            send_raw(h, 400, b'{"error": "input-0: unexpected shape"}')
+        else:
+            send_raw(h, 200, v2_answer(np.full(n, 2), [n], "INT64"))
+
+    srv = crafted_v2_server(respond)
+    bb = open_blackbox(srv.url, max_batch_size=4, max_concurrency=1, **fast(retries=0))
+    x = np.zeros((5, 1, 28, 28), np.uint8)
+    pred = bb.predict(x)  # a request of 4 (split to single images) and one of 1
+    assert list(pred.retryable) == [True] * 5 and list(pred.labels) == [-1] * 5
+    assert all("http 400" in e for e in pred.errors)
+    assert all(e.startswith("every image of the request refused, each alone too") for e in pred.errors[:4])
+    state["broken"] = False
+    assert bb.predict(x[:2]).errors == [None, None]
+    state["broken"] = True
+    lone = bb.predict(x[:1])  # refused alone after answers: this image's own data
+    assert lone.errors[0].startswith("http 400") and list(lone.retryable) == [False]
+
+
 def test_slow_server_times_out_and_recovers(slow_v2_server) -> None:
     srv = slow_v2_server(delay_s=0.5)
     x = np.zeros((2, 1, 28, 28), np.uint8)
@@ -402,6 +428,7 @@ def test_sagemaker_encoding_with_stubber(images: np.ndarray, direct_logits: np.n
 
 
 def test_sagemaker_errors_with_stubber() -> None:
+    from botocore.response import StreamingBody
     from botocore.stub import Stubber
 
     rt, ctl = _sm_clients()
@@ -411,10 +438,20 @@ def test_sagemaker_errors_with_stubber() -> None:
         # throttled twice: retried once, then recorded
         stub.add_client_error("invoke_endpoint", "ThrottlingException", "slow down", 400)
         stub.add_client_error("invoke_endpoint", "ThrottlingException", "slow down", 400)
-        # the container answered 4xx: not retried, but the request is split so that each row is refused alone
+        # the container answered 4xx: not retried, but the request is split so that each row is refused alone;
+        # refusing each of them says nothing against either (the endpoint's fault: retried by the next run) ...
         for _ in range(3):
             stub.add_client_error("invoke_endpoint", "ModelError", "bad input", 424,
                                   modeled_fields={"OriginalStatusCode": 400})
+        # ... while answering one of them makes the other's refusal its own
+        stub.add_client_error("invoke_endpoint", "ModelError", "bad input", 424,
+                              modeled_fields={"OriginalStatusCode": 400})
+        out = json.dumps({"model_name": "v", "outputs": [{"name": "logits", "shape": [1, 10], "datatype": "FP32",
+                                                          "data": [0.0] * 3 + [5.0] + [0.0] * 6}]})
+        stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(out.encode()), len(out)),
+                                              "ContentType": "application/json"})
+        stub.add_client_error("invoke_endpoint", "ModelError", "bad input", 424,
+                              modeled_fields={"OriginalStatusCode": 400})
         # SageMaker's own 400s are about the call (credentials, the endpoint): the next run must ask again
         stub.add_client_error("invoke_endpoint", "AccessDeniedException", "not allowed", 400)
         cstub.add_response("describe_endpoint", {
@@ -423,15 +460,19 @@ def test_sagemaker_errors_with_stubber() -> None:
             "LastModifiedTime": "2026-01-01"})
         first = bb.predict(x)
         second = bb.predict(x)
+        own = bb.predict(x)
         third = bb.predict(x)
         with pytest.raises(BlackBoxUnavailable, match="Creating"):
             bb.check()
         stub.assert_no_pending_responses()
     assert first.errors == ["sagemaker ThrottlingException (http 400) after 2 tries"] * 2
     assert list(first.retryable) == [True, True]
-    assert all(e.startswith("sagemaker ModelError") for e in second.errors)
-    assert list(second.retryable) == [False, False]
+    assert all(e.startswith("every image of the request refused, each alone too") and "sagemaker ModelError" in e
+               for e in second.errors)
+    assert list(second.retryable) == [True, True]
+    assert own.errors[0] is None and own.labels[0] == 3 and own.errors[1].startswith("sagemaker ModelError")
+    assert list(own.retryable) == [False, False]
     assert third.errors == ["sagemaker AccessDeniedException (http 400): not allowed"] * 2
     assert list(third.retryable) == [True, True]
     s = bb.stats()
-    assert s["retries"] == 3 and s["failures"] == 6  # one throttle, two halves of the refused request
+    assert s["retries"] == 5 and s["failures"] == 7  # one throttle, two halves of each refused request

@@ -183,6 +183,9 @@ class RemoteBlackBox(BudgetedBlackBox):
         # max_concurrency bounds the requests in flight from this client, whoever calls: a chunk sent on the
         # caller's thread counts as much as one sent by the pool, and several callers share one limit
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
+        # Set while the endpoint refuses whole requests image by image (a deployment fault, below); cleared by any
+        # answer. A lone image refused meanwhile cannot be told from the rest, so it is not blamed either.
+        self._refusing_all = False
 
     # -- subclass hooks -------------------------------------------------------------------------------------------
     @abstractmethod
@@ -295,8 +298,9 @@ class RemoteBlackBox(BudgetedBlackBox):
             error = f"{e.reason} after {tries} {'try' if tries == 1 else 'tries'}"
         except FatalError as e:
             if n > 1 and (not e.retryable or e.status == 413 or isinstance(e, ResponseTooLargeError)):
-                return self._split(x, e, split)
-            error, retryable = e.reason, e.retryable
+                pred = self._split(x, e, split)
+                return pred if split else self._blame_endpoint(pred)
+            error, retryable = e.reason, e.retryable or (not split and self._refusing_all)
             if isinstance(e, ResponseTooLargeError):
                 error = (f"{e.reason} for a single image: the answer to one image is over the cap, so a smaller "
                          "blackbox.max_batch_size cannot help")
@@ -307,10 +311,25 @@ class RemoteBlackBox(BudgetedBlackBox):
         else:
             failed = int(pred.failed.sum())
             self._stats.add(ok=n - failed, failures=failed)
+            self._refusing_all = False
             return pred
         error = redact_cut(error, self._redact)
         self._stats.add(failures=n)
         return Prediction(np.full(n, -1, np.int64), None, [error] * n, np.full(n, retryable))
+
+    def _blame_endpoint(self, pred: Prediction) -> Prediction:
+        """A request whose every image was refused, also each one alone, says nothing against its images: a model
+        reloading, an input name or shape changed under the job, a gateway refusing everything. Those rows are the
+        endpoint's failure, retried by the next run, not frozen as their own."""
+        own = pred.failed & ~pred.retryable
+        if not own.any() or not pred.failed.all():  # an answered image shows the endpoint takes such requests
+            return pred
+        self._refusing_all = True
+        log.warning("black box %s refused each of %d images alone as well: taken for the endpoint's fault, not the "
+                    "images' (the next run asks again)", self._target(), len(own))
+        note = "every image of the request refused, each alone too (the endpoint's fault, retried by the next run)"
+        errors = [redact_cut(f"{note}: {e}", self._redact) if e else e for e in pred.errors]
+        return Prediction(pred.labels, pred.scores, errors, np.ones(len(own), dtype=bool))
 
     def _split(self, x: np.ndarray, refusal: FatalError, split: bool) -> Prediction:
         # A refusal answers the whole request, not one row: a body-size or server batch-size limit (413, or a 400
