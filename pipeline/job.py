@@ -465,29 +465,10 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
     calib = first_images(cfg, spec, fs_in, size, channels, gate_spec[1]) if gate_spec and gate is None else None
     id_col = pre.id_column
     retried = 0
-    doomed: set[str] = set()  # files of a write cut short, which Ray deletes when the plan starts
-    if cfg.output.resume and id_col:
-        # A URI, not the filesystem path: checkpoint_config resolves it against fs_out itself.
-        out_uri = absolute_uri(cfg.output.uri).rstrip("/")
-        # Keyed on the source's own key column, a key that repeats now (or no longer does) changes rows already done.
-        dups = duplicate_keys(spec, fs_in) if id_col == spec.key_column else None
-        checkpoint = f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}"
-        retried = release_retryable(fs_out, out_path, checkpoint, id_col, dups).rows
-        doomed = uncommitted(fs_out, out_path, checkpoint)
-        ctx.checkpoint_config = checkpoint_config(spec, f"{out_uri}/{CHECKPOINT_DIR}", fs_out)
-    else:
-        ctx.checkpoint_config = None
-        if cfg.output.resume:
-            log.warning("source has no unique id column: this job cannot resume; a rerun reprocesses every row")
-
-    try:
-        before = count_output(fs_out, out_path, doomed)
-        cpus_free = ray.available_resources().get("CPU", 0.0)
-        t0 = time.time()
-        service = start_blackbox(cfg)
-    except BaseException:
-        ctx.checkpoint_config = None  # the next Ray Data job in this process must not inherit it
-        raise
+    ctx.checkpoint_config = None
+    cpus_free = ray.available_resources().get("CPU", 0.0)
+    t0 = time.time()
+    service = start_blackbox(cfg)
     try:
         params = dict(cfg.purify.params)
         if gate_spec:
@@ -499,6 +480,21 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
                          "images", gate, gate_spec[0], len(calib))
             params["original_below"] = gate
             params["original_quantile"] = gate_spec[0]  # with it, original_below reads as its measurement
+        # Only once the black box has answered (the service started, the gate measured): a run that stops on an
+        # outage before any work leaves the retryable rows of the last run in the output, where they show.
+        doomed: set[str] = set()  # files of a write cut short, which Ray deletes when the plan starts
+        if cfg.output.resume and id_col:
+            # A URI, not the filesystem path: checkpoint_config resolves it against fs_out itself.
+            out_uri = absolute_uri(cfg.output.uri).rstrip("/")
+            # Keyed on the source's own key column, a key that repeats now (or no longer does) changes rows done.
+            dups = duplicate_keys(spec, fs_in) if id_col == spec.key_column else None
+            checkpoint = f"{out_path.rstrip('/')}/{CHECKPOINT_DIR}"
+            retried = release_retryable(fs_out, out_path, checkpoint, id_col, dups).rows
+            doomed = uncommitted(fs_out, out_path, checkpoint)
+            ctx.checkpoint_config = checkpoint_config(spec, f"{out_uri}/{CHECKPOINT_DIR}", fs_out)
+        elif cfg.output.resume:
+            log.warning("source has no unique id column: this job cannot resume; a rerun reprocesses every row")
+        before = count_output(fs_out, out_path, doomed)
         ds = build_plan(cfg, spec, fs_in, size, channels, service, params)
         ds = ds.map_batches(releasing(to_output_batch), batch_format="numpy", batch_size=cfg.resources.query_batch_size,
                             fn_kwargs={"keep_orig": cfg.output.keep_original,

@@ -584,6 +584,33 @@ def test_a_black_box_down_while_the_gate_is_measured_stops_the_job_before_any_ro
     assert summary.rows_this_run == 8 and summary.errors == 0 and summary.gate and summary.gate > 0
 
 
+def test_rows_left_to_retry_stay_in_the_output_when_the_next_run_stops_on_the_outage(ray_local, tmp_path,
+                                                                                     flaky_v2_server):
+    """The rows an outage left to retry leave the output only once the next run has its black box answering: a
+    run that stops on the outage before any work (here: no answer for the gate) leaves them where they show."""
+    from tests.test_pipeline_e2e import CASCADE
+
+    # Run 1: the probe and one of the gate's two requests answered (a gate measured, not saved), then an outage.
+    srv = flaky_v2_server(fail_rate=0.0, schedule=["ok", "ok"] + ["503"] * 400)
+    src = make_fmnist_shards(LOCAL, str(tmp_path / "src"), n_shards=1, per_shard=8, fmt="parquet")
+    out = tmp_path / "out"
+    args = [f"source.uri={src.root}", f"output.uri={out}", f"blackbox.uri={srv.url}", CASCADE,
+            "blackbox.retries=0", "blackbox.max_batch_size=4", *FAST[1:]]
+    first = run_sanitize(load_config(overrides=args))
+    assert first.rows_this_run == 8 and first.retryable == 8
+    # Run 2: the probe passes, the gate gets no answer: the job stops, and the 8 rows are still there to see.
+    srv.schedule = ["ok"] * srv.requests + ["ok", "503", "503"]
+    with pytest.raises(BlackBoxUnavailable, match="answered none of the 8 images the vote's gate"):
+        run_sanitize(load_config(overrides=args))
+    left = read_output(LOCAL, str(out))
+    assert left.num_rows == 8 and left["retryable"].to_pylist() == [True] * 8
+    # Run 3: the black box is back; every row is done, once.
+    srv.schedule = []
+    third = run_sanitize(load_config(overrides=args))
+    assert third.retried == 8 and third.errors == 0 and third.rows_total == 8
+    assert_exactly_once(read_output(LOCAL, str(out)), src.expected)
+
+
 def test_a_write_cut_short_inside_the_commit_is_redone_and_counted_as_this_runs(ray_local, tmp_path):
     """A data file whose checkpoint is still pending (a run cut short inside Ray's two-phase commit) is deleted by
     Ray when the next run starts, and its rows written again: they are that run's rows, in the summary too."""

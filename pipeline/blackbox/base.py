@@ -74,7 +74,7 @@ class Prediction:
     errors: list[str | None] = field(default_factory=list)  # per row: None when fine, else a short reason
     # Per row: True where the failure can pass by itself (endpoint down or slow, budget, auth, throttling), so a
     # later run must ask again; False where it is fine or the black box refused the row's own data (HTTP 400/415/
-    # 422 to a request of that row alone). None: every failed row is retryable.
+    # 422 to a request of that row alone, while it answered other images). None: every failed row is retryable.
     retryable: np.ndarray | None = None
 
     def __post_init__(self) -> None:
