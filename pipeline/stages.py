@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.blackbox.base import MAX_ERROR_CHARS
 from pipeline.cores import CoreShare
 from pipeline.decode import is_empty_error
 from pipeline.heap import release_freed_memory
@@ -158,12 +159,21 @@ class PurifyStage:
                 # the code, on every row alike: these rows fail, the job goes on, and a rerun after the fix retries
                 # them (a row's own bad data ended at decode, as an error row that is not retried).
                 for i in rows:
-                    errors[i] = f"purify: {exc}"
+                    errors[i] = f"purify: {exc}"[:MAX_ERROR_CHARS]
                 retryable[rows] = True
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 # The service died or is restarting: nothing is wrong with these rows, a later run retries them.
                 for i in rows:
                     errors[i] = f"black box: service unavailable ({type(exc).__name__})"
+                retryable[rows] = True
+            except RuntimeError as exc:
+                # torch's own failures (out of memory on a GPU another process filled, a CUDA error): the batch, not
+                # its rows; one batch must not fail the job, and a rerun retries them.
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                log.warning("purify failed on a batch of %d rows (%s): they are error rows, retried by the next run",
+                            rows.size, first[:MAX_ERROR_CHARS])
+                for i in rows:
+                    errors[i] = f"purify: {type(exc).__name__}: {first}"[:MAX_ERROR_CHARS]
                 retryable[rows] = True
             else:
                 purified[rows], nfe[rows] = d.images, d.nfe

@@ -513,6 +513,43 @@ def test_a_purify_failure_is_retried_not_frozen(ray_local):
     assert out["error"][2] == "not an image"
 
 
+def test_a_model_out_of_memory_fails_its_batch_not_the_job(ray_local):
+    """torch's own failures (out of memory on a GPU another process filled) fail the batch's rows, retried by the
+    next run, and the purifier goes on with the next batch."""
+    import asyncio
+
+    import torch
+
+    from pipeline.job import start_blackbox
+    from pipeline.stages import PurifyStage
+
+    cfg = load_config(None, [])
+    service = start_blackbox(cfg)
+    try:
+        stage = PurifyStage(model="fmnist-tiny", device="cpu", dtype="float32", method="sdedit",
+                            params={"t_start": 100, "steps": 2}, seed=0, service=service.names,
+                            namespace=service.namespace, torch_threads=1)
+        unet_forward = stage.model.unet.forward
+        full = {"on": True}
+
+        def forward(*args, **kwargs):
+            if full["on"]:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+            return unet_forward(*args, **kwargs)
+
+        stage.model.unet.forward = forward
+        batch = {"key": np.array(["a", "b"], object), "label": np.array([1, 2]),
+                 "error": np.array([None, None], object), "image": np.zeros((2, 1, 28, 28), np.uint8)}
+        failed = asyncio.run(stage(dict(batch)))
+        full["on"] = False
+        after = asyncio.run(stage(dict(batch)))
+    finally:
+        service.close()
+    assert failed["error"].tolist() == ["purify: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"] * 2
+    assert failed["retryable"].tolist() == [True, True]
+    assert after["error"].tolist() == [None, None] and (after["pred_purified"] >= 0).all()
+
+
 def test_a_released_key_takes_every_row_that_carries_it(tmp_path):
     """Resume state as earlier runs leave it: whenever a key leaves the checkpoint, every output row with it goes
     too, or the rerun, which reads every row of the key again, would write a second copy of those left behind."""
