@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 2.0  # how often an actor tells the service how busy its model was
 
 
+class ServiceLost(Exception):
+    """The job's black-box service (or the actor keeping its query budget) is gone for good."""
+
+
 class GpuMismatchError(RuntimeError):
     """Ray gave this actor a GPU, but torch cannot use it."""
 
@@ -86,7 +90,15 @@ class PurifyStage:
         self.method = method
         self.params_json = json.dumps(built.params(), sort_keys=True)
         self.seed = seed
-        self._services = [ray.get_actor(n, namespace=namespace) for n in service]
+        found = {}
+        for n in service:
+            try:
+                found[n] = ray.get_actor(n, namespace=namespace)
+            except ValueError:  # lost for good: a purifier started later (pool growth, a restart) goes on without it
+                log.warning("black-box service actor %s is gone: this purifier queries the others", n)
+        # The first actor keeps the query budget's ledger: without it no query may be sent, and every row is left to
+        # the next run.
+        self._services = [found[n] for n in service if n in found] if service and service[0] in found else []
         self._next_service = itertools.cycle(range(len(self._services)))
         self._unet = ThreadPoolExecutor(1, thread_name_prefix="unet")
         self._name = ray.get_runtime_context().get_actor_id() or f"pid{os.getpid()}"
@@ -122,12 +134,14 @@ class PurifyStage:
             if isinstance(step, self._step_kind):
                 answer = await loop.run_in_executor(self._unet, self._purify, images[step.rows],
                                                     [keys[i] for i in step.rows], step.seed)
+            elif not self._services:
+                raise ServiceLost("the black-box service is gone")
             else:
                 answer = await self._services[next(self._next_service)].predict.remote(step.images)
 
     def _report(self) -> None:
         now = time.monotonic()
-        if now - self._reported >= REPORT_EVERY_S:
+        if now - self._reported >= REPORT_EVERY_S and self._services:
             self._reported = now
             self._services[0].report_purifier.remote(self._name, self._unet_s, now - self._started, self._batches,
                                                      self._rows)
@@ -161,7 +175,7 @@ class PurifyStage:
                 for i in rows:
                     errors[i] = f"purify: {exc}"[:MAX_ERROR_CHARS]
                 retryable[rows] = True
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ServiceLost) as exc:
                 # The service died or is restarting: nothing is wrong with these rows, a later run retries them.
                 for i in rows:
                     errors[i] = f"black box: service unavailable ({type(exc).__name__})"

@@ -513,6 +513,39 @@ def test_a_purify_failure_is_retried_not_frozen(ray_local):
     assert out["error"][2] == "not an image"
 
 
+def test_a_purifier_started_after_the_budget_ledger_is_lost_leaves_its_rows_to_the_next_run(ray_local):
+    """With a query budget, the service actor keeping its ledger is never restarted (a restart would forget what was
+    spent). A purify actor started after it is gone (the pool growing, an actor restarted) must still start, and
+    leave its rows to the next run instead of failing the job."""
+    import asyncio
+
+    import ray
+
+    from pipeline.job import start_blackbox
+    from pipeline.stages import PurifyStage
+
+    service = start_blackbox(load_config(None, ["blackbox.query_budget=100", "resources.query_actors=2"]))
+    try:
+        ray.kill(service.actors[0], no_restart=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(service.names[0], namespace=service.namespace)
+            except ValueError:
+                break
+            time.sleep(0.2)
+        stage = PurifyStage(model="fmnist-tiny", device="cpu", dtype="float32", method="sdedit",
+                            params={"t_start": 100, "steps": 2}, seed=0, service=service.names,
+                            namespace=service.namespace, torch_threads=1)
+        out = asyncio.run(stage({"key": np.array(["a", "b"], object), "label": np.array([1, 2]),
+                                 "error": np.array([None, None], object),
+                                 "image": np.zeros((2, 1, 28, 28), np.uint8)}))
+    finally:
+        service.close()
+    assert out["error"].tolist() == ["black box: service unavailable (ServiceLost)"] * 2
+    assert out["retryable"].tolist() == [True, True]
+
+
 def test_a_model_out_of_memory_fails_its_batch_not_the_job(ray_local):
     """torch's own failures (out of memory on a GPU another process filled) fail the batch's rows, retried by the
     next run, and the purifier goes on with the next batch."""
