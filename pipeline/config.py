@@ -200,12 +200,17 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
+# A path such as 2024 or 2024-05-01 reads as a number or a date in YAML (and so in a.b=value overrides).
+_QUOTE_IT = " (YAML reads 2024, 2024-05-01 or true as a number, a date or a bool: quote it, e.g. a.b='2024')"
+
+
 def _validate(tree: dict) -> JobConfig:
     """Validate once; the errors name each field and why, never the value given (a URI may carry credentials)."""
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                             + (_QUOTE_IT if err["type"] == "string_type" else "")
                              for err in e.errors(include_input=False, include_url=False))
         raise ValueError(redact_userinfo(f"invalid config: {problems}")) from None
 

@@ -342,6 +342,10 @@ def test_config_in_range_values_still_load() -> None:
     # what the source's own messages advise for a column that is not a key: file:row keys, no labels
     plain = load_config(None, ["source.key_column=null", "source.label_column=null"]).source
     assert plain.key_column is None and plain.label_column is None
+    # A dated path reads as a date in YAML: the message says to quote it, and quoted it loads.
+    with pytest.raises(ValueError, match=r"output.uri: Input should be a valid string \(YAML reads .* quote it"):
+        load_config(None, ["output.uri=2024-05-01"])
+    assert load_config(None, ["output.uri='2024-05-01'"]).output.uri == "2024-05-01"
 
 
 def test_a_pool_whose_bound_is_below_its_size_is_refused_before_any_work() -> None:
