@@ -640,6 +640,10 @@ if args[:2] == ["create", "-f"]:
     print("rayjob.ray.io/created")
 elif args[:2] == ["get", "rayjobs"] and "--sort-by=.metadata.creationTimestamp" in args:
     print("\n".join(f"rayjob.ray.io/bbpurify-audit-{{i:02d}}" for i in range(12)))
+elif args[:2] == ["get", "rayjobs"] and any("bbpurify.io/scheduled-by=" in a for a in args):
+    (state / "own-asked").write_text(" ".join(args))
+    own = os.environ.get("FAKE_OWN", "")
+    print(f"rayjob.ray.io/{{own}}" if own else "", end="")
 elif args[:2] == ["get", "rayjobs"]:
     sys.stdout.write(os.environ.get("FAKE_EXISTING", ""))
 elif args[:2] == ["get", "rayjob"] and "jsonpath={{.status.jobDeploymentStatus}}" in args:
@@ -706,7 +710,8 @@ def test_audit_scheduler_script(
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STATE": str(tmp_path), "FAKE_EXISTING": existing,
         "FAKE_DEPLOYMENT": deployment, "FAKE_JOB_STATUS": job_status, "FAKE_MESSAGE": message,
-        **{e["name"]: e["value"] for e in container["env"]},
+        **{e["name"]: e["value"] for e in container["env"] if "value" in e},
+        "JOB_NAME": "bbpurify-audit-29512345",  # the downward API's batch.kubernetes.io/job-name
     }
     env["BBPURIFY_IMAGE"] = "registry.example.com/team/bbpurify:1.2.3"
     proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
@@ -716,14 +721,49 @@ def test_audit_scheduler_script(
     assert created.exists() == creates, proc.stdout + proc.stderr
     if creates:
         text = created.read_text()
-        assert "__RUN_ID__" not in text and "__IMAGE__" not in text
+        assert "__RUN_ID__" not in text and "__IMAGE__" not in text and "__JOB__" not in text
         job = yaml.safe_load(text)
         assert re.fullmatch(r"bbpurify-audit-\d{8}-\d{6}", job["metadata"]["name"])
+        assert job["metadata"]["labels"]["bbpurify.io/scheduled-by"] == env["JOB_NAME"]
         validate_ray(job, "created")
         images = {c["image"] for _, pod in pod_specs(job["spec"]["rayClusterSpec"]) for c in pod["containers"]}
         assert images == {env["BBPURIFY_IMAGE"]}
         deleted = (tmp_path / "deleted").read_text().split()
         assert deleted == ["rayjob.ray.io/bbpurify-audit-00", "rayjob.ray.io/bbpurify-audit-01"]
+
+
+def test_a_scheduler_pod_replacing_a_disrupted_one_waits_on_its_audit(tmp_path: Path) -> None:
+    """A node drain evicts the scheduler pod mid-audit: the Job ignores the disruption and starts another pod, which
+    finds the audit its Job created (by label) and waits on it: no second audit, no false failure."""
+    (cron,) = find("CronJob", "audit-cronjob.yaml")
+    job_spec = cron["spec"]["jobTemplate"]["spec"]
+    assert job_spec["podFailurePolicy"]["rules"] == [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+    container = job_spec["template"]["spec"]["containers"][0]
+    source = next(e for e in container["env"] if e["name"] == "JOB_NAME")["valueFrom"]["fieldRef"]["fieldPath"]
+    assert source == "metadata.labels['batch.kubernetes.io/job-name']"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL.format(python=sys.executable))
+    kubectl.chmod(0o755)
+    script = container["args"][0].replace("sleep 30", "sleep 0")
+    own = "bbpurify-audit-20261204-030000"
+    base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STATE": str(tmp_path), "FAKE_DEPLOYMENT": "Complete",
+            "FAKE_JOB_STATUS": "SUCCEEDED", "BBPURIFY_IMAGE": "x", "KEEP_AUDITS": "10", "HOME": str(tmp_path),
+            # the audit it created is still running: the check that would skip this run must not see it as another's
+            "FAKE_EXISTING": f"{own}=Running\n"}
+    proc = subprocess.run(["sh", "-c", script], env={**base, "JOB_NAME": "bbpurify-audit-29512345", "FAKE_OWN": own},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"rayjob/{own} was created by this run" in proc.stdout and not (tmp_path / "created.yaml").exists()
+    assert "bbpurify.io/scheduled-by=bbpurify-audit-29512345" in (tmp_path / "own-asked").read_text()
+    # Without the label's value (a cluster older than 1.27), no RayJob is taken for its own: the usual checks run.
+    (tmp_path / "own-asked").unlink()
+    proc = subprocess.run(["sh", "-c", script], env={**base, "JOB_NAME": "", "FAKE_OWN": own},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "an audit is still running" in proc.stderr
+    assert not (tmp_path / "own-asked").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
