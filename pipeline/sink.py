@@ -20,7 +20,7 @@ column             type         meaning
 ``nfe``            float        diffusion network evaluations spent on this row (0 when nothing ran)
 ``error``          string, null why the row has no result (bad image, black-box failure); null when fine
 ``retryable``      bool, null   on an error row: the cause can pass by itself (black box down or slow, query
-                                budget, credentials), so the next run of the same job retries the row; false when
+                                budget, credentials, a failed purify batch), so the next run retries the row; false when
                                 the row's own data failed (undecodable, too large), which no rerun can fix
 ``image_orig_png`` binary, null optional (``keep_orig``): the decoded, size-normalised original as PNG
 native id column   as read      optional: the reader's id column used for resume when it is not ``key``
