@@ -129,6 +129,7 @@ def test_target_class_ranks_first_and_numbers_add_up(table: pa.Table, tmp_path: 
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["most_replaced"][0]["class"] == TARGET
     assert on_disk == json.loads(json.dumps(report))  # what is returned is what is written
+    assert report["files"] == {"json": "report.json", "html": "report.html"}  # true in every copy of it
 
 
 def test_thresholds_crossed_and_not_crossed(table: pa.Table, tmp_path: Path) -> None:

@@ -653,7 +653,8 @@ def build_report(
     report["thresholds"] = checked.as_dict()
     report["alerts"] = evaluate_thresholds(report, checked)
     report = _json_safe(report)
-    report["files"] = {"json": str(out_dir / "report.json"), "html": str(out_dir / "report.html")}
+    # Names, not paths: the same report.json is copied to object storage (audit.report_uri), next to its page.
+    report["files"] = {"json": "report.json", "html": "report.html"}
 
     page = _render_html(report, table, chosen, previous)  # rendered first: a failure leaves no half-written pair
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False))
