@@ -433,8 +433,10 @@ def test_ray_cluster_shape(where: str, spec: dict) -> None:
     assert images == {IMAGE_PLACEHOLDER}, f"every Ray pod runs the image kustomize overrides: {images}"
 
     for name, pod in pod_specs(spec):
-        # IRSA / Pod Identity bind a role to a ServiceAccount; a private registry needs the pull Secret.
-        assert pod.get("serviceAccountName") == "bbpurify", f"{where} {name}: serviceAccountName"
+        # IRSA / Pod Identity bind a role to a ServiceAccount; a private registry needs the pull Secret. KubeRay
+        # binds its autoscaler's Role (pods, RayClusters) to the head's: the workers run without it.
+        account = "bbpurify" if name == "head" else "bbpurify-worker"
+        assert pod.get("serviceAccountName") == account, f"{where} {name}: serviceAccountName"
         assert {"name": "bbpurify-registry"} in pod.get("imagePullSecrets", []), f"{where} {name}: imagePullSecrets"
         for c in pod["containers"]:
             assert {"configMapRef": {"name": "bbpurify-settings", "optional": True}} in c.get("envFrom", [])
@@ -456,7 +458,7 @@ def test_ray_cluster_shape(where: str, spec: dict) -> None:
 @pytest.mark.parametrize("where,spec", rayjob_specs(), ids=[w for w, _ in rayjob_specs()])
 def test_rayjob_submitter_runs_as_the_service_account(where: str, spec: dict) -> None:
     pod = spec["submitterPodTemplate"]["spec"]
-    assert pod["serviceAccountName"] == "bbpurify"
+    assert pod["serviceAccountName"] == "bbpurify-worker"  # it reaches the head's dashboard, not the Kubernetes API
     assert {"name": "bbpurify-registry"} in pod["imagePullSecrets"]
     assert pod["restartPolicy"] == "Never"
     (container,) = pod["containers"]
@@ -466,8 +468,8 @@ def test_rayjob_submitter_runs_as_the_service_account(where: str, spec: dict) ->
 
 
 def test_service_account_is_shipped() -> None:
-    (sa,) = find("ServiceAccount", "serviceaccount.yaml")
-    assert sa["metadata"]["name"] == "bbpurify"
+    accounts = find("ServiceAccount", "serviceaccount.yaml")
+    assert [sa["metadata"]["name"] for sa in accounts] == ["bbpurify", "bbpurify-worker"]
 
 
 def test_rayjob_sanitize(tmp_path: Path) -> None:
@@ -821,8 +823,8 @@ def test_kustomization_builds_valid_objects_with_the_users_values(tmp_path: Path
     assert settings["data"]["BBPURIFY_BLACKBOX_URI"] == "v2+https://bb.acme/models/m"
     assert settings["data"]["S3_ENDPOINT_URL"] == "https://minio.acme:9000"
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    assert {("ServiceAccount", "bbpurify"), ("ConfigMap", "bbpurify-configs"), ("RayJob", "bbpurify-sanitize"),
-            ("CronJob", "bbpurify-audit")} <= names
+    assert {("ServiceAccount", "bbpurify"), ("ServiceAccount", "bbpurify-worker"), ("ConfigMap", "bbpurify-configs"),
+            ("RayJob", "bbpurify-sanitize"), ("CronJob", "bbpurify-audit")} <= names
     assert IMAGE_PLACEHOLDER not in yaml.safe_dump_all(docs)
 
 
