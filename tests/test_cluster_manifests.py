@@ -674,6 +674,16 @@ else:
 RAY_EXIT = "Job entrypoint command failed with exit code {}, last available logs (truncated to 20,000 chars):\n..."
 
 
+def fake_kubectl(tmp_path: Path) -> Path:
+    """A folder holding FAKE_KUBECTL as `kubectl`, to put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL.format(python=sys.executable))
+    kubectl.chmod(0o755)
+    return bin_dir
+
+
 @pytest.mark.parametrize(
     "existing,deployment,job_status,message,rc,creates",
     [
@@ -703,11 +713,7 @@ def test_audit_scheduler_script(
     container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     template = next(d for d in find("ConfigMap", "audit-cronjob.yaml") if d["metadata"]["name"].endswith("template"))
     (tmp_path / "rayjob.yaml").write_text(template["data"]["rayjob.yaml"])
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    kubectl = bin_dir / "kubectl"
-    kubectl.write_text(FAKE_KUBECTL.format(python=sys.executable))
-    kubectl.chmod(0o755)
+    bin_dir = fake_kubectl(tmp_path)
     script = container["args"][0].replace("/template/", f"{tmp_path}/").replace("sleep 30", "sleep 0")
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STATE": str(tmp_path), "FAKE_EXISTING": existing,
@@ -744,11 +750,7 @@ def test_a_scheduler_pod_replacing_a_disrupted_one_waits_on_its_audit(tmp_path: 
     container = job_spec["template"]["spec"]["containers"][0]
     source = next(e for e in container["env"] if e["name"] == "JOB_NAME")["valueFrom"]["fieldRef"]["fieldPath"]
     assert source == "metadata.labels['batch.kubernetes.io/job-name']"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    kubectl = bin_dir / "kubectl"
-    kubectl.write_text(FAKE_KUBECTL.format(python=sys.executable))
-    kubectl.chmod(0o755)
+    bin_dir = fake_kubectl(tmp_path)
     script = container["args"][0].replace("sleep 30", "sleep 0")
     own = "bbpurify-audit-20261204-030000"
     base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STATE": str(tmp_path), "FAKE_DEPLOYMENT": "Complete",

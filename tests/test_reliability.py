@@ -488,20 +488,26 @@ def test_bad_inputs_through_the_whole_job(ray_local, tmp_path):
     assert Counter(table["key"].to_pylist())["dup-key"] == 2
 
 
+def cheap_stage(service):
+    """A CPU purify actor's stage, built in this process, with a two-step SDEdit on the embedded model."""
+    from pipeline.stages import PurifyStage
+
+    return PurifyStage(model="fmnist-tiny", device="cpu", dtype="float32", method="sdedit",
+                       params={"t_start": 100, "steps": 2}, seed=0, service=service.names,
+                       namespace=service.namespace, torch_threads=1)
+
+
 def test_a_purify_failure_is_retried_not_frozen(ray_local):
     """A batch the purifier refuses fails for the whole batch alike (decode already turned each row's own bad data
     into an error row): a rerun after the fix must retry those rows, not skip them as done."""
     import asyncio
 
     from pipeline.job import start_blackbox
-    from pipeline.stages import PurifyStage
 
     cfg = load_config(None, [])
     service = start_blackbox(cfg)
     try:
-        stage = PurifyStage(model="fmnist-tiny", device="cpu", dtype="float32", method="sdedit",
-                            params={"t_start": 100, "steps": 2}, seed=0, service=service.names,
-                            namespace=service.namespace, torch_threads=1)
+        stage = cheap_stage(service)
         batch = {"key": np.array(["a", "b", "c"], object), "label": np.array([1, 2, 3]),
                  "error": np.array([None, None, "not an image"], object),
                  "image": np.zeros((3, 3, 32, 32), np.uint8)}  # not the model's 1x28x28
@@ -522,7 +528,6 @@ def test_a_purifier_started_after_the_budget_ledger_is_lost_leaves_its_rows_to_t
     import ray
 
     from pipeline.job import start_blackbox
-    from pipeline.stages import PurifyStage
 
     service = start_blackbox(load_config(None, ["blackbox.query_budget=100", "resources.query_actors=2"]))
     try:
@@ -534,9 +539,7 @@ def test_a_purifier_started_after_the_budget_ledger_is_lost_leaves_its_rows_to_t
             except ValueError:
                 break
             time.sleep(0.2)
-        stage = PurifyStage(model="fmnist-tiny", device="cpu", dtype="float32", method="sdedit",
-                            params={"t_start": 100, "steps": 2}, seed=0, service=service.names,
-                            namespace=service.namespace, torch_threads=1)
+        stage = cheap_stage(service)
         out = asyncio.run(stage({"key": np.array(["a", "b"], object), "label": np.array([1, 2]),
                                  "error": np.array([None, None], object),
                                  "image": np.zeros((2, 1, 28, 28), np.uint8)}))
@@ -554,14 +557,11 @@ def test_a_model_out_of_memory_fails_its_batch_not_the_job(ray_local):
     import torch
 
     from pipeline.job import start_blackbox
-    from pipeline.stages import PurifyStage
 
     cfg = load_config(None, [])
     service = start_blackbox(cfg)
     try:
-        stage = PurifyStage(model="fmnist-tiny", device="cpu", dtype="float32", method="sdedit",
-                            params={"t_start": 100, "steps": 2}, seed=0, service=service.names,
-                            namespace=service.namespace, torch_threads=1)
+        stage = cheap_stage(service)
         unet_forward = stage.model.unet.forward
         full = {"on": True}
 
