@@ -97,10 +97,8 @@ def main() -> None:
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     step, elapsed, losses = 0, 0.0, []
     if args.anneal_by_time:
-        def by_time(s: int) -> float:
-            if s < 200:
-                return s / 200
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, elapsed / args.time_budget)))
+        def by_time(s: int) -> float:  # the same warm-up; cosine over the budget, reaching zero however few steps
+            return min(1.0, s / 200) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, elapsed / args.time_budget)))
 
         lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, by_time)
     else:

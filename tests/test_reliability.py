@@ -14,6 +14,7 @@ Run with ``-s`` to see one ``[reliability]`` line per fault: rows in, rows out, 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -757,6 +758,39 @@ def test_training_checkpoint_with_malicious_pickle_is_refused(tmp_path):
         for line in path.read_text().splitlines():
             if "torch.load(" in line and not line.lstrip().startswith("#"):
                 assert "weights_only=True" in line, f"{path.relative_to(REPO)}: {line.strip()}"
+
+
+def test_diffusion_training_anneals_over_its_time_budget(tmp_path):
+    """On a device of unknown speed (`--anneal-by-time`), the LR's cosine runs over the time budget, so the run ends
+    annealed and exported whatever number of steps it reached; without a budget the flag is refused."""
+    import torch
+
+    from pipeline.purify.models import load_model
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8), "L").save(data / f"{i}.png")
+    out, ckpt_dir = tmp_path / "exported", tmp_path / "ckpt"
+    cmd = [sys.executable, "jobs/train_diffusion.py", "--data", str(data), "--out", str(out), "--ckpt-dir",
+           str(ckpt_dir), "--steps", "1000000", "--batch", "8", "--lr", "1e-3", "--device", "cpu", "--threads", "1",
+           "--width", "8", "--ckpt-every", "1000000", "--anneal-by-time"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 2 and "--anneal-by-time needs --time-budget" in refused.stderr
+    proc = subprocess.run([*cmd, "--time-budget", "4"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((out / "training.json").read_text())
+    state = torch.load(ckpt_dir / "last.pt", weights_only=True)
+    last_lr = state["lr"]["_last_lr"][0]
+    print(f"\n[training] anneal by time: {meta['steps']} steps in {meta['train_seconds']} s, last LR {last_lr:.2e}")
+    assert meta["steps"] >= 2 and meta["steps"] == state["step"]
+    warmed = 1e-3 * min(1.0, meta["steps"] / 200)  # the LR the warm-up alone would give at the last step
+    assert last_lr < 0.1 * warmed, "the LR must be annealed by the end of the budget"
+    assert "--anneal-by-time --" in meta["command"] and "True" not in meta["command"]
+    model = load_model(str(out), "cpu")
+    assert sum(p.numel() for p in model.unet.parameters()) == meta["parameters"]
 
 
 def test_yaml_config_cannot_run_code(tmp_path):
