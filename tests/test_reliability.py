@@ -731,13 +731,19 @@ def test_model_folder_with_only_pickled_weights_is_refused(tmp_path):
     assert not marker.exists(), "the pickled weights were unpickled"
 
 
-def test_training_checkpoint_with_malicious_pickle_is_refused(tmp_path):
-    import torch
-
+def png_folder(tmp_path: Path) -> Path:
+    """Four flat 28x28 gray PNGs: a training set for jobs/train_diffusion.py that costs nothing."""
     data = tmp_path / "data"
     data.mkdir()
     for i in range(4):
         Image.fromarray(np.full((28, 28), 40 * i, np.uint8), "L").save(data / f"{i}.png")
+    return data
+
+
+def test_training_checkpoint_with_malicious_pickle_is_refused(tmp_path):
+    import torch
+
+    data = png_folder(tmp_path)
     ckpt_dir = tmp_path / "ckpt"
     ckpt_dir.mkdir()
     marker = tmp_path / "pwned"
@@ -767,10 +773,7 @@ def test_diffusion_training_anneals_over_its_time_budget(tmp_path):
 
     from pipeline.purify.models import load_model
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(4):
-        Image.fromarray(np.full((28, 28), 40 * i, np.uint8), "L").save(data / f"{i}.png")
+    data = png_folder(tmp_path)
     out, ckpt_dir = tmp_path / "exported", tmp_path / "ckpt"
     cmd = [sys.executable, "jobs/train_diffusion.py", "--data", str(data), "--out", str(out), "--ckpt-dir",
            str(ckpt_dir), "--steps", "1000000", "--batch", "8", "--lr", "1e-3", "--device", "cpu", "--threads", "1",
