@@ -348,6 +348,11 @@ def test_a_lost_budget_ledger_leaves_its_counts_out_of_the_summary_instead_of_fa
         images = np.zeros((3, 1, 28, 28), np.uint8)
         ray_local.get(service.actors[1].predict.remote(images))
         ray_local.kill(service.actors[0], no_restart=True)
+        # ray.kill only asks: wait until the ledger is really gone, or it may still answer the stats call.
+        with pytest.raises(ray_local.exceptions.RayActorError):
+            for _ in range(100):
+                ray_local.get(service.actors[0].ready.remote(), timeout=10)
+                time.sleep(0.1)
         stats = service.stats()
         assert stats["images"] == 3 and stats["budget_left"] is None
     finally:
