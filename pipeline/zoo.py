@@ -325,14 +325,21 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(), "machine": platform.machine(), "seconds": seconds,
             "victims_run": len(victims), "victims_merged": n_victims - len(victims), "rows_merged": len(kept)}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
-    tables = format_tables(rows, summary)
-    worst = [r for r in rows if r["label"] == (DEFAULT_LABEL if DEFAULT_LABEL in wanted else wanted[-1])]
-    worst_row = max(worst, key=lambda r: r["ca_drop"])
-    merged = f" ({len(kept)} victim x method rows kept from the earlier run)" if kept else ""
-    text = (f"Model {args.model} on {device}, {n_victims} victims{merged}, first {args.n} test images (clean) and "
-            f"their non-target ones triggered, seed {args.seed}, {seconds}s.\n\n{tables}\n\n"
-            f"{lost_won_table(worst_row)}\n")
+    text = report(meta, rows, summary, wanted[-1])
     (args.out / "results.md").write_text(text)
     print(text)
     print(f"wrote {args.out / 'results.md'} and results.json")
     return 0
+
+
+def report(meta: dict, rows: list[dict], summary: list[dict], last_run: str) -> str:
+    """results.md: the tables, and the clean images lost / won on the worst victim of the default (of the method
+    run last when the default is not among the rows, merged ones included)."""
+    labels = {r["label"] for r in rows}
+    worst = [r for r in rows if r["label"] == (DEFAULT_LABEL if DEFAULT_LABEL in labels else last_run)]
+    worst_row = max(worst, key=lambda r: r["ca_drop"])
+    kept = meta.get("rows_merged", 0)
+    merged = f" ({kept} victim x method rows kept from the earlier run)" if kept else ""
+    return (f"Model {meta['model']} on {meta['device']}, {meta['victims']} victims{merged}, first {meta['n']} test "
+            f"images (clean) and their non-target ones triggered, seed {meta['seed']}, {meta['seconds']}s.\n\n"
+            f"{format_tables(rows, summary)}\n\n{lost_won_table(worst_row)}\n")
