@@ -338,7 +338,7 @@ def report(meta: dict, rows: list[dict], summary: list[dict], last_run: str) -> 
     labels = {r["label"] for r in rows}
     worst = [r for r in rows if r["label"] == (DEFAULT_LABEL if DEFAULT_LABEL in labels else last_run)]
     worst_row = max(worst, key=lambda r: r["ca_drop"])
-    kept = meta.get("rows_merged", 0)
+    kept = meta["rows_merged"]
     merged = f" ({kept} victim x method rows kept from the earlier run)" if kept else ""
     return (f"Model {meta['model']} on {meta['device']}, {meta['victims']} victims{merged}, first {meta['n']} test "
             f"images (clean) and their non-target ones triggered, seed {meta['seed']}, {meta['seconds']}s.\n\n"
