@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-GATE_DEFAULTS: dict[str, Any] = {"original_votes": 3, "original_below": 0.95, "original_quantile": 0.4,
+GATE_DEFAULTS: dict[str, Any] = {"original_votes": 3, "original_below": 0.95, "original_quantile": 0.3,
                                  "calibration_rows": 256, "original_support": 0.3}
 
 

@@ -400,17 +400,20 @@ def test_sharpen_is_the_unsharp_mask_of_the_unsharpened_output(model):
 
 def test_the_default_votes_passes_are_sharpened_more_than_a_lone_guided_pass(model):
     # A vote's passes are read by a victim that may take smoothness for a warp trigger (docs/zoo.md, sharpening):
-    # the default vote's guided base sharpens at 1.0 and trusts blocks up to 0.5 unless told otherwise; a lone
+    # the default vote's guided base sharpens at 1.0 and trusts blocks up to 0.6 unless told otherwise; a lone
     # `guided` pass keeps 0.5 and 0.4.
     vote = build_purifier("cascade", model)
     assert vote.base.params()["sharpen"] == 1.0 and vote.base.params()["restart_tau"] == 0.8
-    assert vote.base.params()["tau"] == 0.5
+    assert vote.base.params()["tau"] == 0.6 and vote.params()["original_quantile"] == 0.3
     assert build_purifier("guided", model).params()["sharpen"] == 0.5
     assert build_purifier("guided", model).params()["tau"] == 0.4
-    # The benchmark's default row is the default, and its earlier rows keep what they measured (tau 0.4).
+    # The benchmark's default row is the default, and its earlier rows keep what they measured (tau 0.4, then 0.5
+    # with the gate at the 0.4-quantile).
     grid = {label: params for label, _, params in GRID}
     assert build_purifier("cascade", model, grid[DEFAULT_LABEL]).params() == vote.params()
     assert build_purifier("cascade", model, grid["vote-guided4-k5-q40-v3-restart-sharp1"]).base.params()["tau"] == 0.4
+    previous = build_purifier("cascade", model, grid["vote-guided4-k5-q40-v3-restart-sharp1-tau5-support3"])
+    assert previous.base.params()["tau"] == 0.5 and previous.params()["original_quantile"] == 0.4
     # The default's ballots ask for the passes' support; the earlier rows' ballots did not.
     assert vote.params()["original_support"] == 0.3
     assert build_purifier("cascade", model, grid["vote-guided4-k5-q40-v3-restart-sharp1-tau5"]).params()[
@@ -742,7 +745,7 @@ def test_measured_gate_is_a_quantile_of_the_black_box_own_answers(model):
     from pipeline.job import measured_gate
 
     cfg = load_config(overrides=[])
-    for params, measured in (({"original_votes": None}, (0.4, 256)), ({}, (0.4, 256)), ({"original_votes": 0}, None),
+    for params, measured in (({"original_votes": None}, (0.3, 256)), ({}, (0.3, 256)), ({"original_votes": 0}, None),
                              ({"original_below": 0.9}, None)):
         cfg.purify.params = params
         assert measured_gate(cfg) == measured

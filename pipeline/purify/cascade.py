@@ -53,17 +53,18 @@ from pipeline.purify.base import Purifier
 Classify = Callable[[np.ndarray], Any]
 
 # The default method: a majority vote of up to 5 `guided` passes (GUIDED_BASE: 4 guided steps, restarting where the
-# locator removed something, trusting blocks the locator moved by up to 0.5 rather than guided's own 0.4 (the restart
+# locator removed something, trusting blocks the locator moved by up to 0.6 rather than guided's own 0.4 (the restart
 # already keeps a removed patch out, so more of a clean image's coarse content can be kept), unsharp-masked at
 # amount 1 rather than 0.5: a vote's passes are read by a victim that may take smoothness for a warp trigger),
 # stopped once decided; the original label casts 3 ballots where the black box gave it less than its own
-# 0.4-quantile, measured on the job's first 256 rows, and only while the passes give it a mean probability of at
-# least 0.3 (`original_support`). `original_below` (.95) is the fixed gate used when
+# 0.3-quantile, measured on the job's first 256 rows, and only while the passes give it a mean probability of at
+# least 0.3 (`original_support`). Passes that keep more of a clean image need the original's ballots less, so the
+# gate opens for fewer rows, and fewer triggered ones among them. `original_below` (.95) is the fixed gate used when
 # `original_quantile` is null. With `base: sdedit`, SDEDIT_BASE fills what the user leaves out (a plain-SDEdit
 # vote); other bases use their own defaults. Chosen on the worst victim of the zoo (`python -m pipeline zoo`,
 # docs/zoo.md).
 DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", **GATE_DEFAULTS}
-GUIDED_BASE: dict = {"steps": 4, "restart_tau": 0.8, "tau": 0.5, "sharpen": 1.0}
+GUIDED_BASE: dict = {"steps": 4, "restart_tau": 0.8, "tau": 0.6, "sharpen": 1.0}
 SDEDIT_BASE: dict = {"t_start": 300, "steps": 8, "eta": 1.0}
 ESCALATE = ("flip", "always")
 K_MAX = 64  # passes per image: a vote of more is a configuration mistake, not a setting
