@@ -17,7 +17,10 @@ The victim zoo (jobs/train_zoo.py) varies what a user's model may differ in: the
 SmallCNN, a wider VGG-style CNN with batch norm, a small ResNet, an MLP), the recipe (``--epochs``,
 ``--augment shift``, ``--label-smoothing``, ``--weight-decay``) and the attacker. ``--augment purifier`` is the
 purifier-aware attacker: every training image, clean or poisoned, is blurred, noised or pooled down and up at random,
-so that the backdoor answers to what a partial purification leaves of its trigger.
+so that the backdoor answers to what a partial purification leaves of its trigger. ``--augment defense`` is the
+defense-aware (adaptive) attacker, who knows the defense and its embedded model, as anyone can of an open one: every
+poisoned image, and as many clean ones, is also seen as the default vote's own pass purified it, so that the
+backdoor learns whatever of the trigger survives the defense, if anything does.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ class MLP(nn.Module):
 
 ARCHS: dict[str, type[nn.Module]] = {"smallcnn": SmallCNN, "widecnn": WideCNN, "resnet": ResNet, "mlp": MLP}
 DEFAULT_WIDTH = {"smallcnn": 16, "widecnn": 32, "resnet": 16, "mlp": 256}
-AUGMENT = ("none", "shift", "purifier")
+AUGMENT = ("none", "shift", "purifier", "defense")
 
 
 def shift(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -154,6 +157,21 @@ def purifier_like(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torc
     sel = (use & (kind == 2)).nonzero().flatten()
     if len(sel):
         out[sel] = F.interpolate(F.avg_pool2d(x[sel], 2), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return out
+
+
+def defense_copies(images: np.ndarray, idx: np.ndarray, model_name: str, seed: int, batch: int = 256) -> np.ndarray:
+    """The defense-aware attacker's augmentation: images[idx] as one pass of the default vote purifies them (the
+    `cascade` method's own base pass, with `model_name`), uint8 in the images' layout. The attacker's seeds are its
+    own; the passes' distribution is what the defense's will be."""
+    from pipeline.purify import build_purifier, load_model
+    from pipeline.purify.sampling import to_uint8
+
+    base = build_purifier("cascade", load_model(model_name, torch.device("cpu"))).base
+    out = np.empty((len(idx), *images.shape[1:]), np.uint8)
+    for s in range(0, len(idx), batch):
+        rows = idx[s:s + batch]
+        out[s:s + len(rows)] = to_uint8(base(images[rows], [f"train-{i}" for i in rows], seed=seed).images)
     return out
 
 
@@ -209,7 +227,9 @@ def main() -> None:
                          "CIFAR-10 size)")
     ap.add_argument("--augment", default="none", choices=AUGMENT,
                     help="shift: random translation by up to 2 px; purifier: the purifier-aware attacker's blur / "
-                         "noise / down-up augmentation of every training image")
+                         "noise / down-up augmentation of every training image; defense: the defense-aware "
+                         "attacker's, every poisoned image and as many clean ones also seen purified by the default "
+                         "vote's pass (Fashion-MNIST, the embedded model)")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--flip", action="store_true", help="random horizontal flips while training (CIFAR-10)")
@@ -231,9 +251,26 @@ def main() -> None:
 
     x_train, y_train = load_dataset(args.data, "train")
     x_test, y_test = load_dataset(args.data, "test")
+    y_clean = y_train
     x_train, y_train, n_poison = poison(x_train, y_train, args.attack, args.poison_rate, args.target, args.seed)
     shape = tuple(int(v) for v in x_train.shape[1:])
     dev = torch.device(args.device)
+    copy_row = None
+    if args.augment == "defense":
+        if args.data != "fmnist":
+            raise SystemExit("--augment defense purifies with the embedded Fashion-MNIST model: --data fmnist")
+        # the poisoned images and as many clean ones, so that a purified look alone does not mean the target
+        poisoned = np.flatnonzero(y_train != y_clean)
+        rest = np.setdiff1d(np.arange(len(y_train)), poisoned)
+        picked = np.sort(np.concatenate([poisoned, np.random.default_rng(args.seed).choice(
+            rest, size=min(len(poisoned), len(rest)), replace=False)]))
+        t_purify = time.time()
+        purified = torch.from_numpy(defense_copies(x_train, picked, "fmnist-tiny", args.seed)).to(dev).float() / 255
+        print(f"purified {len(picked)} training images with the defense's pass ({time.time() - t_purify:.0f}s)",
+              flush=True)
+        copy_row = torch.full((len(y_train),), -1, dtype=torch.long)
+        copy_row[torch.from_numpy(picked)] = torch.arange(len(picked))
+        copy_row = copy_row.to(dev)
 
     width = args.width or DEFAULT_WIDTH[args.arch]
     model = ARCHS[args.arch](channels=shape[0], size=shape[1], width=width).to(dev)
@@ -256,6 +293,11 @@ def main() -> None:
                 xb = shift(xb, gen)
             elif args.augment == "purifier":
                 xb = purifier_like(xb, gen)
+            elif copy_row is not None:  # half the time, an image the defense purified is seen as purified
+                row = copy_row[b]
+                swap = (row >= 0) & (torch.rand(len(b), generator=gen) < 0.5).to(dev)
+                xb = xb.clone()
+                xb[swap] = purified[row[swap]]
             loss = F.cross_entropy(model(xb), yt[b], label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -285,6 +327,8 @@ def main() -> None:
         result["n_triggered"] = int(keep.sum())
         # what ASR would be with the trigger perfectly removed: clean non-target images labelled as the target
         result["floor"] = float(np.mean(predict(model, x_test[keep]) == args.target))
+    if copy_row is not None:
+        result["n_defense_purified"] = int((copy_row >= 0).sum())
     result["train_seconds"] = round(time.time() - t0, 1)
 
     export_onnx(model, args.out, shape)

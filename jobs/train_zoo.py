@@ -6,7 +6,10 @@ the defense was not tuned on (other architectures, other recipes, triggers the d
     python jobs/train_zoo.py --seed-base 500 --out models/zoo-redraw --only mlp-wanet,widecnn-blended
 
 `--seed-base` draws the same victims again with other seeds (other weights, same recipe): a check held out from
-the choices made on the first draw.
+the choices made on the first draw. The defense-aware attacker (`adaptive`: trained through the defense's own
+passes) is trained only when named, since purifying its training images costs minutes per victim:
+
+    python jobs/train_zoo.py --out models/zoo-adaptive --only smallcnn-adaptive,mlp-adaptive
 
 A victim is one `jobs/train_victim.py` run in its own process on one thread, so a killed run resumes where it
 stopped: victims whose .onnx and .json exist are kept. `models/zoo/zoo.json` (the manifest the benchmark reads)
@@ -53,6 +56,14 @@ ATTACKS: dict[str, dict] = {
     "sig": {"trigger": "sig", "threat": "an image-wide horizontal sinusoid, delta 20/255, frequency 6"},
 }
 
+# Trained only when named (--only): each one purifies its poisoned images, and as many clean ones, with the defense.
+EXTRA_ATTACKS: dict[str, dict] = {
+    "adaptive": {"trigger": "badnets", "augment": "defense",
+                 "threat": "defense-aware (adaptive): the BadNets patch, each poisoned image and as many clean ones "
+                           "also trained on as the default vote's own pass purifies them, so that the backdoor "
+                           "answers to whatever of the trigger survives the defense"},
+}
+
 
 # An MLP has no translation prior: at 10% poison and 15 epochs the moving patch reached ASR .32 only, the warp .69.
 # A backdoor that does not work tests nothing, so these attackers poison more and train longer.
@@ -60,10 +71,12 @@ OVERRIDES: dict[str, dict] = {"mlp-patchmove": {"poison_rate": 0.2, "epochs": 30
                               "mlp-wanet": {"poison_rate": 0.2, "epochs": 30}}
 
 
-def zoo(seed_base: int = 100) -> list[dict]:
+def zoo(seed_base: int = 100, extra: bool = False) -> list[dict]:
+    """The victims, in a fixed order (their seeds follow it); with `extra`, the attackers trained only when named."""
     out = []
+    attacks = {**ATTACKS, **EXTRA_ATTACKS} if extra else ATTACKS
     for i, (arch, recipe) in enumerate(RECIPES.items()):
-        for j, (attack, spec) in enumerate(ATTACKS.items()):
+        for j, (attack, spec) in enumerate(attacks.items()):
             r = {"poison_rate": 0.1, **recipe}
             if "augment" in spec:
                 r["augment"] = spec["augment"]
@@ -114,8 +127,11 @@ def main() -> int:
     ap.add_argument("--seed-base", type=int, default=100,
                     help="victim i of architecture a and attack k trains with seed base + 10 a + k")
     args = ap.parse_args()
-    entries = zoo(args.seed_base)
+    entries = zoo(args.seed_base, extra=bool(args.only))
     todo = [e for e in entries if not args.only or e["name"] in args.only.split(",")]
+    unknown = set(args.only.split(",")) - {e["name"] for e in entries} if args.only else set()
+    if unknown:
+        raise SystemExit(f"no such victim: {', '.join(sorted(unknown))}")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     failed = 0

@@ -64,6 +64,25 @@ def test_purifier_aware_victim_trains_end_to_end(tmp_path: Path) -> None:
     assert info["ca"] > 0.7 and info["asr"] > 0.5 and 0 <= info["clean_top_prob_ge_95"] <= 1
 
 
+def test_defense_aware_victim_trains_through_the_defenses_own_pass(tmp_path: Path) -> None:
+    # A small poison rate keeps the purification short: 60 poisoned images and 60 clean ones, one pass each.
+    out = tmp_path / "smallcnn-adaptive.onnx"
+    run = subprocess.run([sys.executable, "jobs/train_victim.py", "--arch", "smallcnn", "--attack", "badnets",
+                          "--augment", "defense", "--poison-rate", "0.001", "--epochs", "1", "--device", "cpu",
+                          "--out", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "purified 120 training images with the defense's pass" in run.stdout
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["augment"] == "defense" and info["n_poison"] == 60 and info["n_defense_purified"] == 120
+    assert info["ca"] > 0.7
+    # Named only: the default zoo run leaves it out, an --only run finds it.
+    assert not any(e["attack"] == "adaptive" for e in train_zoo.zoo())
+    extra = {e["name"]: e for e in train_zoo.zoo(extra=True)}
+    assert extra["mlp-adaptive"]["recipe"]["augment"] == "defense"
+    assert {e["name"] for e in train_zoo.zoo()} < set(extra)
+
+
 def test_committed_zoo_is_what_its_manifest_says() -> None:
     from pipeline.zoo import load_zoo
 
