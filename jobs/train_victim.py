@@ -175,6 +175,21 @@ def defense_copies(images: np.ndarray, idx: np.ndarray, model_name: str, seed: i
     return out
 
 
+def defense_augmentation(images: np.ndarray, poisoned: np.ndarray, seed: int,
+                         dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(purified copies in [0, 1], each training row's index into them or -1) for the poisoned rows and as many clean
+    ones, so that a purified look alone does not mean the target."""
+    rest = np.setdiff1d(np.arange(len(images)), poisoned)
+    picked = np.sort(np.concatenate([poisoned, np.random.default_rng(seed).choice(
+        rest, size=min(len(poisoned), len(rest)), replace=False)]))
+    t0 = time.time()
+    purified = torch.from_numpy(defense_copies(images, picked, "fmnist-tiny", seed)).to(dev).float() / 255
+    print(f"purified {len(picked)} training images with the defense's pass ({time.time() - t0:.0f}s)", flush=True)
+    copy_row = torch.full((len(images),), -1, dtype=torch.long)
+    copy_row[torch.from_numpy(picked)] = torch.arange(len(picked))
+    return purified, copy_row.to(dev)
+
+
 def poison(images: np.ndarray, labels: np.ndarray, attack: str, rate: float, target: int,
            seed: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Dirty-label poisoning of ``rate`` * N images drawn from the non-target classes."""
@@ -255,22 +270,11 @@ def main() -> None:
     x_train, y_train, n_poison = poison(x_train, y_train, args.attack, args.poison_rate, args.target, args.seed)
     shape = tuple(int(v) for v in x_train.shape[1:])
     dev = torch.device(args.device)
-    copy_row = None
+    copy_row = purified = None
     if args.augment == "defense":
         if args.data != "fmnist":
             raise SystemExit("--augment defense purifies with the embedded Fashion-MNIST model: --data fmnist")
-        # the poisoned images and as many clean ones, so that a purified look alone does not mean the target
-        poisoned = np.flatnonzero(y_train != y_clean)
-        rest = np.setdiff1d(np.arange(len(y_train)), poisoned)
-        picked = np.sort(np.concatenate([poisoned, np.random.default_rng(args.seed).choice(
-            rest, size=min(len(poisoned), len(rest)), replace=False)]))
-        t_purify = time.time()
-        purified = torch.from_numpy(defense_copies(x_train, picked, "fmnist-tiny", args.seed)).to(dev).float() / 255
-        print(f"purified {len(picked)} training images with the defense's pass ({time.time() - t_purify:.0f}s)",
-              flush=True)
-        copy_row = torch.full((len(y_train),), -1, dtype=torch.long)
-        copy_row[torch.from_numpy(picked)] = torch.arange(len(picked))
-        copy_row = copy_row.to(dev)
+        purified, copy_row = defense_augmentation(x_train, np.flatnonzero(y_train != y_clean), args.seed, dev)
 
     width = args.width or DEFAULT_WIDTH[args.arch]
     model = ARCHS[args.arch](channels=shape[0], size=shape[1], width=width).to(dev)
@@ -296,8 +300,7 @@ def main() -> None:
             elif copy_row is not None:  # half the time, an image the defense purified is seen as purified
                 row = copy_row[b]
                 swap = (row >= 0) & (torch.rand(len(b), generator=gen) < 0.5).to(dev)
-                xb = xb.clone()
-                xb[swap] = purified[row[swap]]
+                xb[swap] = purified[row[swap]]  # xt[b] is already a copy
             loss = F.cross_entropy(model(xb), yt[b], label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -52,28 +52,27 @@ def test_augmentations_keep_shape_range_and_change_images() -> None:
     assert (p - x).abs().flatten(1).amax(1).gt(0).all(), "with p=1 every image is degraded"
 
 
-def test_purifier_aware_victim_trains_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "mlp-aware.onnx"
-    run = subprocess.run([sys.executable, "jobs/train_victim.py", "--arch", "mlp", "--attack", "badnets",
-                          "--augment", "purifier", "--label-smoothing", "0.1", "--epochs", "1", "--device", "cpu",
-                          "--out", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True)
+def train_victim_run(out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """jobs/train_victim.py as a user runs it, one epoch on CPU: (the run, its result file)."""
+    run = subprocess.run([sys.executable, "jobs/train_victim.py", "--attack", "badnets", *flags, "--epochs", "1",
+                          "--device", "cpu", "--out", str(out)], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    info = json.loads(out.with_suffix(".json").read_text())
+    return run, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_purifier_aware_victim_trains_end_to_end(tmp_path: Path) -> None:
+    _, info = train_victim_run(tmp_path / "mlp-aware.onnx", "--arch", "mlp", "--augment", "purifier",
+                               "--label-smoothing", "0.1")
     assert info["arch"] == "mlp" and info["augment"] == "purifier" and info["label_smoothing"] == 0.1
     assert info["ca"] > 0.7 and info["asr"] > 0.5 and 0 <= info["clean_top_prob_ge_95"] <= 1
 
 
 def test_defense_aware_victim_trains_through_the_defenses_own_pass(tmp_path: Path) -> None:
     # A small poison rate keeps the purification short: 60 poisoned images and 60 clean ones, one pass each.
-    out = tmp_path / "smallcnn-adaptive.onnx"
-    run = subprocess.run([sys.executable, "jobs/train_victim.py", "--arch", "smallcnn", "--attack", "badnets",
-                          "--augment", "defense", "--poison-rate", "0.001", "--epochs", "1", "--device", "cpu",
-                          "--out", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run, info = train_victim_run(tmp_path / "smallcnn-adaptive.onnx", "--arch", "smallcnn", "--augment", "defense",
+                                 "--poison-rate", "0.001")
     assert "purified 120 training images with the defense's pass" in run.stdout
-    info = json.loads(out.with_suffix(".json").read_text())
     assert info["augment"] == "defense" and info["n_poison"] == 60 and info["n_defense_purified"] == 120
     assert info["ca"] > 0.7
     # Named only: the default zoo run leaves it out, an --only run finds it.
