@@ -23,6 +23,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 # sysexits' EX_TEMPFAIL: the job ran, but rows failed for a passing reason (the black box down or slow, its budget
 # spent, a refused token) and the output is not complete; the same command retries them (a RayJob's backoffLimit).
 EXIT_RETRYABLE = 75
+# The job ran, but what it found says not to trust it as it stands: an audit's alerts, or a black box that answers
+# the purification itself (pipeline/flows.py). It wins over EXIT_RETRYABLE: retrying rows would not change it.
+EXIT_ALERT = 3
 
 
 def cmd_sanitize(args: argparse.Namespace) -> int:
@@ -31,7 +34,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = run_sanitize(cfg)
     print(summary.line())
-    return EXIT_RETRYABLE if summary.retryable else 0
+    return EXIT_ALERT if summary.sinks else EXIT_RETRYABLE if summary.retryable else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -77,7 +80,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     outcome = run_audit(cfg, args.report, previous=args.previous,
                         sample=args.sample, thresholds=thresholds, overwrite=args.overwrite)
     # An alert says more than a partial sample: it wins.
-    return 3 if outcome.alerts else EXIT_RETRYABLE if outcome.retryable else 0
+    return EXIT_ALERT if outcome.alerts else EXIT_RETRYABLE if outcome.retryable else 0
 
 
 def main(argv: list[str] | None = None) -> int:

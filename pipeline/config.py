@@ -141,6 +141,16 @@ class OutputConfig(_Section):
     resume: bool = True  # Ray Data checkpointing on the reader's id column
 
 
+class SinkCheckConfig(_Section):
+    """The job-end check for a black box that answers the purification itself (pipeline/flows.py); on by default,
+    since the labels of a job that fails it are the attacker's."""
+
+    enabled: bool = True
+    absorb_rate: float = Field(default=0.03, gt=0, lt=1, allow_inf_nan=False)
+    class_share: float = Field(default=0.5, gt=0, le=1, allow_inf_nan=False)
+    min_class_rows: int = Field(default=20, ge=1, le=10**9)
+
+
 class AuditConfig(_Section):
     # where report.json/html go besides the local --report folder (default: <output.uri>/_report for a remote output)
     report_uri: str | None = None
@@ -162,6 +172,7 @@ class JobConfig(_Section):
     blackbox: BlackBoxConfig = Field(default_factory=BlackBoxConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    sink_check: SinkCheckConfig = Field(default_factory=SinkCheckConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     ray_address: str | None = None  # None: connect to RAY_ADDRESS if set, else start a local cluster
 

@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 from pipeline.blackbox import BlackBoxUnavailable, InputSpec, open_blackbox
 from pipeline.config import JobConfig
 from pipeline.decode import decode_batch, is_empty_error
+from pipeline.flows import SINK_MEANING, sinks_in_table
 from pipeline.gate import gate_params, gate_threshold, top_probability
 from pipeline.heap import releasing, worker_env
 from pipeline.paths import absolute_uri, shipped_path
@@ -80,6 +81,7 @@ class Summary:
     budget_rejected: int = 0
     unet_share: float = 0.0  # share of the purify actors' wall time spent in the diffusion model
     gate: float | None = None  # the vote's original-label gate as measured on the job's first rows (if measured)
+    sinks: list[dict] = field(default_factory=list)  # classes that absorb many others (pipeline/flows.py)
 
     def line(self, rerun: str = "rerun the same job to retry them") -> str:
         retry = f" ({self.retryable} retryable: {rerun})" if self.retryable else ""
@@ -87,7 +89,9 @@ class Summary:
                 f"flagged {self.flagged}, mean NFE {self.mean_nfe:.1f}, {self.seconds:.1f}s, "
                 f"{self.images_per_s:.1f} img/s, black-box queries {self.queries}, "
                 f"model busy {100 * self.unet_share:.0f}%"
-                + (f", gate {self.gate:.3f}" if self.gate is not None else "") + f" -> {self.output}")
+                + (f", gate {self.gate:.3f}" if self.gate is not None else "") + f" -> {self.output}"
+                + "".join(f"; SINK: class {s['class']} absorbs {len(s['absorbed'])} of {s['others']} other classes"
+                          for s in self.sinks))
 
 
 def blackbox_uri(uri: str) -> str:
@@ -519,7 +523,7 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
     service.close()
     seconds = time.time() - t0
 
-    columns = ["error", "flagged", "nfe", "retryable"]
+    columns = ["error", "flagged", "nfe", "retryable", "pred_orig", "pred_purified"]
     files = parquet_files(fs_out, out_path)
     if files:
         dataset = pads.dataset(files, filesystem=fs_out, format="parquet")
@@ -542,5 +546,10 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
                 retryable=retryable, retried=retried, queries=int(bb_stats.get("images", 0)),
                 budget_rejected=int(bb_stats.get("budget_rejected", 0)),
                 unet_share=float(bb_stats.get("unet_share", 0.0)), gate=gate)
+    if cfg.sink_check.enabled:
+        sinks = sinks_in_table(table, **cfg.sink_check.model_dump(exclude={"enabled"}))
+        s.sinks = [sink.as_dict() for sink in sinks]
+        for sink in sinks:
+            log.error("%s: %s", sink.describe(), SINK_MEANING)
     log.info("summary: %s", asdict(s))
     return s

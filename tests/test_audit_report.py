@@ -317,3 +317,26 @@ def test_many_classes_keep_the_charts_readable(tmp_path: Path) -> None:
     assert report["most_replaced"][0]["class"] == 42
     page = (tmp_path / "report.html").read_text()
     assert page.count("class='plot'") == 2
+
+
+def test_a_sink_is_an_alert_whatever_the_thresholds(tmp_path: Path) -> None:
+    """A class that absorbs most others after purification voids the purified labels: the report names it and
+    alerts, with or without thresholds; with the check off (None) it does neither."""
+    table = make_output(n=600, poison=False, keep_original=False)
+    po = table["pred_orig"].to_pylist()
+    pp = [0 if p is not None and p not in (0, TINY) and i % 3 == 0 else q
+          for i, (p, q) in enumerate(zip(po, table["pred_purified"].to_pylist()))]
+    table = table.set_column(table.schema.get_field_index("pred_purified"), "pred_purified",
+                             pa.array(pp, pa.int64()))
+    check = {"absorb_rate": 0.03, "class_share": 0.5, "min_class_rows": 20}
+    report = build_report(table, tmp_path / "on", class_names=CLASS_NAMES, sink_check=check)
+    [sink] = report["sinks"]
+    assert sink["class"] == 0 and len(sink["absorbed"]) >= 5
+    [alert] = report["alerts"]
+    assert alert.startswith("class 0 absorbs") and "fires on the purified images themselves" in alert
+    assert "class 0 absorbs" in (tmp_path / "on" / "report.html").read_text()
+    assert json.loads((tmp_path / "on" / "report.json").read_text())["sinks"] == report["sinks"]
+    off = build_report(table, tmp_path / "off", class_names=CLASS_NAMES)
+    assert off["sinks"] == [] and off["alerts"] == []
+    clean = build_report(make_output(n=600, keep_original=False), tmp_path / "clean", sink_check=check)
+    assert clean["sinks"] == [] and clean["alerts"] == []  # an ordinary backdoor's target loses rows: no sink

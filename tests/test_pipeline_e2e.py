@@ -136,6 +136,27 @@ def test_a_stray_file_in_the_output_fails_the_job_up_front_naming_it(ray_local, 
     assert (tmp_path / "out" / "notes.txt").read_bytes() == b"not a parquet file"
 
 
+def test_a_black_box_trained_through_the_defense_fails_the_job(ray_local, tmp_path, capsys):
+    """The committed defense-aware victim answers the look of the default vote's passes with its target: on clean
+    images, the default job moves rows of most classes into class 0, and says that its labels are void (exit 3,
+    the sink in the summary). The demo's ordinary BadNets victim, on the same images, passes the check."""
+    from pipeline.cli import EXIT_ALERT, main
+
+    src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=2, per_shard=150,
+                             fmt="parquet")
+    common = [f"source.uri={src.root}", "resources.torch_threads=1"]
+    rc = main(["sanitize", *common, f"output.uri={tmp_path / 'adaptive'}",
+               "blackbox.uri=onnx:models/zoo-adaptive/resnet-adaptive.onnx"])
+    line = capsys.readouterr().out
+    assert rc == EXIT_ALERT, line
+    assert "SINK: class 0 absorbs" in line
+    table = read_output(pafs.LocalFileSystem(), str(tmp_path / "adaptive"))
+    assert_exactly_once(table, src.expected)  # the output is written in full: the verdict is on its labels
+    rc = main(["sanitize", *common, f"output.uri={tmp_path / 'ordinary'}"])
+    line = capsys.readouterr().out
+    assert rc == 0 and "SINK" not in line, line
+
+
 def test_fails_fast_on_wrong_bucket_and_dead_black_box(s3_server, tmp_path):
     src = make_fmnist_shards(pafs.LocalFileSystem(), str(tmp_path / "src"), n_shards=1, per_shard=4,
                              fmt="parquet")

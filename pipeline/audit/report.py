@@ -17,7 +17,7 @@ import functools
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from pipeline.audit.thresholds import DEFAULT_MIN_CLASS_ROWS, Thresholds, parse_thresholds
+from pipeline.flows import SINK_MEANING, sinks_in_table, wilson_lower
 from pipeline.storage import resolve_filesystem, uri_path  # pyarrow only, no Ray
 
 REPORT_VERSION = 1
@@ -120,17 +121,6 @@ def _rate(num: int | float, den: int | float) -> float | None:
     return float(num) / float(den) if den else None
 
 
-def _wilson_lower(successes: int, n: int, z: float = 1.96) -> float:
-    """95% Wilson lower bound: ranks a class replaced 40 times in 50 above one replaced once in 1."""
-    if n == 0:
-        return 0.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = p + z * z / (2 * n)
-    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - margin) / denom)
-
-
 def _name(c: int, class_names: Sequence[str] | None) -> str:
     if class_names is not None and 0 <= c < len(class_names):
         return str(class_names[c])
@@ -215,7 +205,7 @@ def _summarize(table: pa.Table, class_names: Sequence[str] | None, top_k: int) -
             "rows": rows_c,  # rows with pred_orig == c
             "replaced": replaced,  # ... whose purified prediction is another class
             "replaced_rate": _rate(replaced, rows_c),
-            "replaced_rate_lcb": _wilson_lower(replaced, rows_c),
+            "replaced_rate_lcb": wilson_lower(replaced, rows_c),
             "received": received,  # rows of other classes that purification turned into c
             "purified_rows": int(matrix[:, i].sum()),
             "share_orig": _rate(rows_c, n_valid),
@@ -629,12 +619,15 @@ def build_report(
     class_names: list[str] | None = None,
     top_k: int = 16,
     sample: dict | None = None,
+    sink_check: Mapping[str, Any] | None = None,
 ) -> dict:
     """Compute the audit numbers from the pipeline output, write `report.json` and `report.html` into `out_dir`.
 
     `previous` is the previous run's report.json (as a dict) for the trend section; `thresholds` (a Thresholds, or
     a dict of its keys: THRESHOLD_KEYS) fill `report["alerts"]`, which the CLI turns into a non-zero exit.
     `sample` records how the audited rows were drawn from the source (the audit's own description, kept as is).
+    `sink_check` (the job's `sink_check` settings, None: off) looks for a class that absorbs many others
+    (pipeline/flows.py): each one found is an alert whatever the thresholds, since it voids the purified labels.
     """
     # Before any work: a typo or a broken previous report should not cost a full report run.
     checked = parse_thresholds(thresholds)
@@ -652,6 +645,9 @@ def build_report(
     report["trend"] = _trend(report, previous) if previous else None
     report["thresholds"] = checked.as_dict()
     report["alerts"] = evaluate_thresholds(report, checked)
+    sinks = sinks_in_table(table, **sink_check) if sink_check is not None else []
+    report["sinks"] = [sink.as_dict() for sink in sinks]
+    report["alerts"] += [f"{sink.describe()}: {SINK_MEANING}" for sink in sinks]
     report = _json_safe(report)
     # Names, not paths: the same report.json is copied to object storage (audit.report_uri), next to its page.
     report["files"] = {"json": "report.json", "html": "report.html"}
