@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 from pipeline.attacks import TARGET, apply_trigger
+from pipeline.config import SinkCheckConfig
 from pipeline.evaluate import calibrate_vote, eval_images, run_defense, victim_classifier
+from pipeline.flows import find_sinks
 from pipeline.metrics import attack_metrics
 from pipeline.paths import REPO_ROOT
 from pipeline.purify import Cascade, build_purifier, load_model
@@ -43,6 +45,7 @@ DEFAULT_METHODS = ("none", "sdedit-250", "zip-pool2", "sampdetox-ddim", "guided"
 DEFAULT_LABEL = "vote-guided4-k5-q30-v3-restart-sharp1-tau6-support3"
 GOALS = {"ca_drop": 0.02, "asr_over_floor": 0.01, "pa_gap": 0.03, "nfe": 20.0}
 CONFIDENCE_BINS = (0.0, 0.5, 0.8, 0.95, 1.01)
+SINK_DRAW_ROWS, SINK_DRAWS = (1000, 500, 300), 10
 # the standard error shown next to each goal's measure: the CA drop's own (paired), else that of the rate it moves
 SE_OF = {"ca_drop": "ca_drop_se", "asr_over_floor": "asr_se", "pa_gap": "pa_se"}
 
@@ -108,9 +111,11 @@ def _se(p: float, n: int) -> float:
 
 
 def victim_row(victim: dict, label: str, clean_pred: np.ndarray, clean_orig: np.ndarray, clean_conf: np.ndarray,
-               labels: np.ndarray, trig_pred: np.ndarray, trig_labels: np.ndarray, nfe: np.ndarray) -> dict:
-    """Metrics of one method on one victim, with binomial standard errors and the paired one of the CA drop, and
-    the clean images lost / won against the victim undefended, by the victim's confidence in its own answer."""
+               labels: np.ndarray, trig_pred: np.ndarray, trig_labels: np.ndarray, nfe: np.ndarray,
+               trig_orig: np.ndarray) -> dict:
+    """Metrics of one method on one victim, with binomial standard errors and the paired one of the CA drop, the
+    clean images lost / won against the victim undefended, by the victim's confidence in its own answer, and what
+    the job-end sink check (pipeline/flows.py, at its defaults) says of the clean and triggered rows together."""
     m = attack_metrics(clean_pred, labels, trig_pred, trig_labels, TARGET)
     und = attack_metrics(clean_orig, labels, np.zeros(0, np.int64), np.zeros(0, np.int64), TARGET)
     right_def, right_und = clean_pred == labels, clean_orig == labels
@@ -127,6 +132,17 @@ def victim_row(victim: dict, label: str, clean_pred: np.ndarray, clean_orig: np.
            "asr_se": _se(m["asr"], m["n_poison"]), "floor_se": _se(m["floor"], m["n_clean_nontarget"]),
            "nfe": float(np.mean(nfe)), "n_clean": m["n_clean"], "n_triggered": m["n_poison"],
            "lost": int(lost.sum()), "won": int(won.sum()), "lost_won_by_confidence": by_conf}
+    answered = np.concatenate([clean_pred, trig_pred]) >= 0
+    flows = np.concatenate([clean_orig, trig_orig])[answered], np.concatenate([clean_pred, trig_pred])[answered]
+    check = SinkCheckConfig().model_dump(exclude={"enabled"})
+    sinks = find_sinks(*flows, **check)
+    row["sink"] = sinks[0].as_dict() if sinks else None
+    # how often a smaller job (an audit's sample) would see it: the check on random subsets of these rows
+    rng = np.random.default_rng(0)
+    row["sink_draws"] = {str(size): sum(bool(find_sinks(*(f[idx] for f in flows), **check))
+                                        for idx in (rng.choice(len(flows[0]), size, replace=False)
+                                                    for _ in range(SINK_DRAWS)))
+                         for size in SINK_DRAW_ROWS if size < len(flows[0])}
     row["asr_over_floor"] = row["asr"] - row["floor"]
     row["pa_gap"] = row["ca"] - row["pa"]
     row["meets"] = {k: bool(row[k] <= GOALS[k] + 1e-12) for k in GOALS}
@@ -159,10 +175,11 @@ def run(victims: list[dict], methods: list[tuple[str, str, dict]], model: Any, n
     keys_clean = [f"clean-{i}" for i in range(n)]
     memo = {} if memo is None else memo
     classifiers = {v["name"]: victim_classifier(v["path"].stem, v["path"].parent, shape) for v in victims}
-    originals = {}
+    originals, trig_originals = {}, {}
     for v in victims:
         ans = classifiers[v["name"]](clean4)
         originals[v["name"]] = (ans.labels, np.asarray(ans.scores).max(1))
+        trig_originals[v["name"]] = classifiers[v["name"]](triggered[v["trigger"]]).labels
     for label, method, params in methods:
         rows = []
         defense = build_purifier(method, model, params, dtype=dtype)
@@ -179,14 +196,15 @@ def run(victims: list[dict], methods: list[tuple[str, str, dict]], model: Any, n
             trig = triggered[v["trigger"]]
             keys_trig = [f"{v['trigger']}-{i}" for i in keep]
             if method == "none":
-                pc_labels, pt_labels, nfe = originals[v["name"]][0], classify(trig).labels, np.zeros(n + len(keep))
+                pc_labels, pt_labels, nfe = originals[v["name"]][0], trig_originals[v["name"]], np.zeros(n + len(keep))
             else:
                 calibrate_vote(runner, classify, clean4)
                 pc = run_defense(runner, clean4, keys_clean, seed, classify, batch_size)
                 pt = run_defense(runner, trig, keys_trig, seed, classify, batch_size)
                 pc_labels, pt_labels, nfe = pc.labels, pt.labels, np.concatenate([pc.nfe, pt.nfe])
             orig, conf = originals[v["name"]]
-            rows.append(victim_row(v, label, pc_labels, orig, conf, labels, pt_labels, labels[keep], nfe))
+            rows.append(victim_row(v, label, pc_labels, orig, conf, labels, pt_labels, labels[keep], nfe,
+                                   trig_originals[v["name"]]))
             if isinstance(runner, Cascade):
                 rows[-1]["gate"] = runner.original_below
         yield label, memo_base.computed, rows
@@ -219,6 +237,28 @@ def format_tables(rows: list[dict], summary: list[dict]) -> str:
         cells = [f"{_fmt(sub[lab])}, {sub[lab]['nfe']:.1f}" if lab in sub else "-" for lab in labels]
         out.append(f"| {v} | {first['ca_undefended']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def sink_table(rows: list[dict]) -> str:
+    """Per method, the victims on which the job-end sink check fires (rows measured before it existed: not shown)."""
+    checked = [r for r in rows if "sink" in r and r["label"] != "none"]
+    if not checked:
+        return ""
+    sizes = [str(n) for n in SINK_DRAW_ROWS]
+    out = ["### The job-end sink check (`sink_check` defaults; each victim's clean and triggered rows together)", "",
+           f"Flagged: the victims on which the check fires with all their rows. Draws: of {SINK_DRAWS} random "
+           f"draws of {' / '.join(sizes)} of a victim's rows, how many it fires on, summed over the victims.", "",
+           f"| method | victims checked | flagged | draws of {' / '.join(sizes)} rows flagged | the sink: classes "
+           "absorbed, of the others |", "|---|---|---|---|---|"]
+    for label in dict.fromkeys(r["label"] for r in checked):
+        sub = [r for r in checked if r["label"] == label]
+        hit = [r for r in sub if r["sink"]]
+        what = ", ".join(f"{r['victim']} (class {r['sink']['class']}: {len(r['sink']['absorbed'])} of "
+                         f"{r['sink']['others']})" for r in hit) or "-"
+        draws = " / ".join(f"{sum(r.get('sink_draws', {}).get(n, 0) for r in sub)} of {SINK_DRAWS * len(sub)}"
+                           for n in sizes)
+        out.append(f"| {label} | {len(sub)} | {len(hit)} | {draws} | {what} |")
+    return "\n".join(out) + "\n\n"
 
 
 def lost_won_table(row: dict) -> str:
@@ -342,4 +382,4 @@ def report(meta: dict, rows: list[dict], summary: list[dict], last_run: str) -> 
     merged = f" ({kept} victim x method rows kept from the earlier run)" if kept else ""
     return (f"Model {meta['model']} on {meta['device']}, {meta['victims']} victims{merged}, first {meta['n']} test "
             f"images (clean) and their non-target ones triggered, seed {meta['seed']}, {meta['seconds']}s.\n\n"
-            f"{format_tables(rows, summary)}\n\n{lost_won_table(worst_row)}\n")
+            f"{format_tables(rows, summary)}\n\n{sink_table(rows)}{lost_won_table(worst_row)}\n")

@@ -133,10 +133,13 @@ def test_zoo_bench_end_to_end(tmp_path: Path) -> None:
         assert 8 <= vote["nfe"] <= 40 and vote["ca_undefended"] == none["ca"]
         assert vote["lost"] - vote["won"] == round(vote["ca_drop"] * 24)
         assert sum(b["clean"] for b in vote["lost_won_by_confidence"]) == 24
+        # too few rows for any class to be judged: no sink, and no draw smaller than the rows there are
+        assert vote["sink"] is None and vote["sink_draws"] == {}
     summary = {s["label"]: s for s in res["summary"]}
     worst = max((rows[(v["name"], "sdedit-250")] for v in picked), key=lambda r: r["ca_drop"])
     assert summary["sdedit-250"]["ca_drop"]["worst"] == worst["ca_drop"]
     assert "Spread across victims" in (out / "results.md").read_text()
+    assert f"| {DEFAULT_LABEL} | 2 | 0 |" in (out / "results.md").read_text()  # the sink check's row
 
     # A second run reads the memo and must give the same answers, computing no image again.
     run2 = subprocess.run([*cmd[:-4], "--out", str(out / "again"), "--memo", str(tmp_path / "m")], cwd=ROOT, env=env,
