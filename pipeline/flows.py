@@ -6,9 +6,10 @@ each to its own. Purification itself moves a few rows between classes that look 
 pullover), from one or two classes into another. A black box trained *through* the defense (its backdoor answers
 the look of a purified image) shows the opposite of the ordinary case: one class that *absorbs* a share of the rows
 of most other classes, clean images that the victim was sure of. So does a purifier whose marks an ordinary
-backdoor reads as its trigger (a warp-trained victim and a smoothing purifier). Such a class is a sink, and while
-there is one the purified labels are the attacker's, whatever the vote decided: the job says so (`Summary.sinks`,
-exit code 3), and so does the audit.
+backdoor reads as its trigger (a warp-trained victim and a smoothing purifier), and so would a purifier too strong
+for its prior, whose outputs no longer look like their classes. Such a class is a sink, and while there is one the
+purified labels are not to be trusted, whatever the vote decided: the job says so (`Summary.sinks`, exit code 3),
+and so does the audit.
 
 A class d absorbs class c when the 95% Wilson lower bound of the share of c's rows that end in d is at least
 `absorb_rate` (judged only for classes with `min_class_rows` rows); d is a sink when it absorbs at least
@@ -28,8 +29,9 @@ import pyarrow as pa
 MIN_SINK_CLASSES = 3
 # What a sink means, for the job's log and the audit's alert.
 SINK_MEANING = ("the black box's backdoor fires on the purified images themselves (it was trained through the "
-                "defense, or reads the purifier's marks as its trigger), so the purified labels are not to be "
-                "trusted (docs/zoo.md, 'The defense-aware attacker')")
+                "defense, or reads the purifier's marks as its trigger), or purification no longer keeps what its "
+                "classes look like; either way the purified labels are not to be trusted (docs/zoo.md, 'The sink "
+                "check')")
 
 
 def wilson_lower(successes: int, n: int, z: float = 1.96) -> float:
