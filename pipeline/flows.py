@@ -88,11 +88,11 @@ def find_sinks(orig: np.ndarray, purified: np.ndarray, counts: np.ndarray | None
     eligible = {c for c, r in rows_of.items() if r >= min_class_rows}
     moved = orig != purified
     pairs, pair_inv = np.unique(np.stack([orig[moved], purified[moved]], 1), axis=0, return_inverse=True)
-    pair_counts = np.bincount(pair_inv.reshape(-1), weights=counts[moved]).astype(np.int64) if len(pairs) else []
+    pair_counts = np.bincount(pair_inv.reshape(-1), weights=counts[moved]).astype(np.int64)
     absorbed: dict[int, dict[int, tuple[int, int]]] = {}
-    for (c, d), k in zip(pairs.tolist(), list(pair_counts)):
-        if c in eligible and wilson_lower(int(k), rows_of[c]) >= absorb_rate:
-            absorbed.setdefault(d, {})[c] = (rows_of[c], int(k))
+    for (c, d), k in zip(pairs.tolist(), pair_counts.tolist()):
+        if c in eligible and wilson_lower(k, rows_of[c]) >= absorb_rate:
+            absorbed.setdefault(d, {})[c] = (rows_of[c], k)
     sinks = []
     for d, got in absorbed.items():
         # Out of every other class answered, not only those with enough rows: a small job, whose classes mostly
