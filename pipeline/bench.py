@@ -22,7 +22,7 @@ from pipeline.purify import build_purifier, load_model
 from pipeline.purify.models import pick_device
 
 GUIDED6: dict[str, Any] = {"base": "guided", "steps": 6, "restart_tau": None, "tau": 0.4, "sharpen": 0.5,
-                           "original_votes": 2, "original_support": 0.0}
+                           "original_votes": 2, "original_support": 0.0, "pick": "votes"}
 GUIDED4: dict[str, Any] = {**GUIDED6, "steps": 4}
 
 # (label, method, params). The first rows are the baselines as published; the last ones are ours.
@@ -44,14 +44,15 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("guided-restart", "guided", {"restart_tau": 0.8}),  # restarts where its locator removed something (a patch)
     # The published flip cascade and our earlier votes: the original label casts no ballot.
     ("cascade-250-k3", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "eta": 0.0, "k": 3,
-                                   "escalate": "flip", "original_votes": 0}),
+                                   "escalate": "flip", "original_votes": 0, "pick": "votes"}),
     ("cascade-250-k5", "cascade", {"base": "sdedit", "t_start": 250, "steps": 10, "eta": 0.0, "k": 5,
-                                   "escalate": "flip", "original_votes": 0}),
-    ("repair-cascade-k3", "cascade", {"base": "repair", "k": 3, "escalate": "flip", "original_votes": 0}),
+                                   "escalate": "flip", "original_votes": 0, "pick": "votes"}),
+    ("repair-cascade-k3", "cascade", {"base": "repair", "k": 3, "escalate": "flip", "original_votes": 0,
+                                      "pick": "votes"}),
     ("vote-300-k5-s8", "cascade", {"base": "sdedit", "t_start": 300, "steps": 8, "eta": 1.0, "k": 5,
-                                   "escalate": "always", "original_votes": 0}),
+                                   "escalate": "always", "original_votes": 0, "pick": "votes"}),
     ("vote-300-k5-s8-sharp", "cascade", {"base": "sdedit", "t_start": 300, "steps": 8, "eta": 1.0, "sharpen": 0.5,
-                                         "k": 5, "escalate": "always", "original_votes": 0}),
+                                         "k": 5, "escalate": "always", "original_votes": 0, "pick": "votes"}),
     # Votes over `guided` passes. Pinned here since the cascade's own defaults for a guided base moved on
     # (GUIDED_BASE): 6 guided steps, no restart, trusting blocks up to 0.4, sharpened at 0.5, 2 ballots unless a row
     # says otherwise, ballots that do not ask for the passes' support.
@@ -89,11 +90,15 @@ GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("vote-guided4-k5-q40-v3-restart-sharp1-tau5-support3", "cascade",
      {**GUIDED4, "restart_tau": 0.8, "tau": 0.5, "sharpen": 1.0, "k": 5, "escalate": "always", "original_votes": 3,
       "original_quantile": 0.4, "original_support": 0.3}),
-    # The default method (chosen on the worst victim of 49, docs/zoo.md): that, its passes trusting blocks up to 0.6
-    # and the gate at the black box's 0.3-quantile.
+    # The previous default: that, its passes trusting blocks up to 0.6 and the gate at the black box's 0.3-quantile.
     ("vote-guided4-k5-q30-v3-restart-sharp1-tau6-support3", "cascade",
      {**GUIDED4, "restart_tau": 0.8, "tau": 0.6, "sharpen": 1.0, "k": 5, "escalate": "always", "original_votes": 3,
       "original_quantile": 0.3, "original_support": 0.3}),
+    # The default method (chosen on the worst victim of 49, docs/zoo.md): that, the class the passes voted against
+    # the original label picked by the probability they give it rather than by their votes.
+    ("vote-guided4-k5-q30-v3-restart-sharp1-tau6-support3-pick", "cascade",
+     {**GUIDED4, "restart_tau": 0.8, "tau": 0.6, "sharpen": 1.0, "k": 5, "escalate": "always", "original_votes": 3,
+      "original_quantile": 0.3, "original_support": 0.3, "pick": "probability"}),
 ]
 
 

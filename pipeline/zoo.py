@@ -41,8 +41,8 @@ from pipeline.purify.models import pick_device
 ZOO_DIR = REPO_ROOT / "models" / "zoo"
 # The published baselines at their best CPU-affordable settings, our best single pass and the default vote.
 DEFAULT_METHODS = ("none", "sdedit-250", "zip-pool2", "sampdetox-ddim", "guided", "vote-guided-k5-gate-unveil",
-                   "vote-guided4-k5-q30-v3-restart-sharp1-tau6-support3")
-DEFAULT_LABEL = "vote-guided4-k5-q30-v3-restart-sharp1-tau6-support3"
+                   "vote-guided4-k5-q30-v3-restart-sharp1-tau6-support3-pick")
+DEFAULT_LABEL = "vote-guided4-k5-q30-v3-restart-sharp1-tau6-support3-pick"
 GOALS = {"ca_drop": 0.02, "asr_over_floor": 0.01, "pa_gap": 0.03, "nfe": 20.0}
 CONFIDENCE_BINS = (0.0, 0.5, 0.8, 0.95, 1.01)
 SINK_DRAW_ROWS, SINK_DRAWS = (1000, 500, 300), 10

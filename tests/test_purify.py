@@ -12,7 +12,15 @@ from pipeline.bench import GRID
 from pipeline.blackbox.base import Prediction
 from pipeline.purify import build_purifier
 from pipeline.purify.batching import CPU_CHUNK
-from pipeline.purify.cascade import Cascade, escalation_seeds, majority, needs_pass, original_ballots, supported
+from pipeline.purify.cascade import (
+    Cascade,
+    by_probability,
+    escalation_seeds,
+    majority,
+    needs_pass,
+    original_ballots,
+    supported,
+)
 from pipeline.purify.degradations import parse_degradation
 from pipeline.purify.filters import unsharp_mask
 from pipeline.purify.guided import Guided
@@ -418,6 +426,10 @@ def test_the_default_votes_passes_are_sharpened_more_than_a_lone_guided_pass(mod
     assert vote.params()["original_support"] == 0.3
     assert build_purifier("cascade", model, grid["vote-guided4-k5-q40-v3-restart-sharp1-tau5"]).params()[
         "original_support"] == 0.0
+    # The default picks the class that out-votes the original by probability; the earlier rows by votes.
+    assert vote.params()["pick"] == "probability"
+    assert {build_purifier(m, model, p).params()["pick"] for label, m, p in GRID
+            if m == "cascade" and label != DEFAULT_LABEL} == {"votes"}
     assert build_purifier("cascade", model, {"sharpen": 0.5}).base.params()["sharpen"] == 0.5
     imgs = batch(2)
     a = build_purifier("cascade", model, {"sharpen": 0.0}).base(imgs, KEYS7[:2], seed=1)
@@ -670,6 +682,53 @@ def test_original_ballots_need_the_passes_support(model):
     assert np.isnan(supported(np.array([0.6], np.float32), np.array([np.nan], np.float32), 0.3)[0])
     with pytest.raises(ValueError, match="original_support"):
         Cascade(SDEdit(model, t_start=100, steps=1), original_support=1.5)
+
+
+def test_passes_that_out_vote_the_original_pick_their_class_by_probability(model):
+    """A certain original (label 0, what a trigger looks like) whose 3 passes vote 7, 2, 7: by votes 7 wins; by the
+    probability summed over the passes, 2 (.40 + .90 + .40 against .45 + .05 + .45), and the output image is the
+    first pass that voted 2. A black box without scores picks by votes."""
+    img = batch(1)
+    # per pass: (label, {class: probability})
+    passes = [(7, {7: 0.45, 2: 0.40, 0: 0.15}), (2, {2: 0.90, 7: 0.05, 0: 0.05}), (7, {7: 0.45, 2: 0.40, 0: 0.15})]
+
+    def black_box(scored: bool):
+        calls = {"n": 0}
+
+        def classify(x: np.ndarray) -> Prediction:
+            j = calls["n"]
+            calls["n"] += 1
+            probs = np.zeros((1, 10), np.float32)
+            for c, p in passes[j][1].items():
+                probs[0, c] = p
+            if j == 0:  # the first query holds the original (label 0, p .999), then pass 0
+                orig = np.zeros((1, 10), np.float32)
+                orig[0, 0] = 0.999
+                probs = np.concatenate([orig, probs])
+            return Prediction(probs.argmax(1), probs if scored else None, [None] * len(probs))
+
+        return classify
+
+    def vote(pick: str, scored: bool = True):
+        c = Cascade(SDEdit(model, t_start=100, steps=1), k=3, escalate="always", original_votes=3,
+                    original_below=0.95, pick=pick)
+        return c.run(img, ["a"], seed=0, classify=black_box(scored))
+
+    by_votes, by_prob = vote("votes"), vote("probability")
+    assert by_votes.votes[0].tolist() == by_prob.votes[0].tolist() == [7, 2, 7]  # the same rounds
+    assert int(by_votes.labels[0]) == 7 and int(by_prob.labels[0]) == 2
+    second = SDEdit(model, t_start=100, steps=1)(img, ["a"], escalation_seeds(0, 3)[0]).uint8()
+    assert (by_prob.images == second).all() and not (by_votes.images == second).all()
+    assert int(vote("probability", scored=False).labels[0]) == 7
+    # Only classes the passes voted, never the original's: here the passes give the original (0) the most.
+    scores = np.zeros((3, 10))
+    scores[:, 0], scores[:, 2], scores[:, 7] = 2.0, 0.5, 0.4
+    labels = by_probability(np.array([7, 0, 7]), np.array([0, 0, 0]), np.array([[7, 0, 2], [0, 0, 7], [7, 7, 2]]),
+                            np.where(np.arange(3)[:, None] == 2, np.nan, scores))
+    assert labels.tolist() == [2, 0, 7]  # picked among {7, 2}; the original's own win kept; unknown scores: votes
+    assert Cascade(SDEdit(model, t_start=100, steps=1)).params()["pick"] == "probability"
+    with pytest.raises(ValueError, match="pick"):
+        Cascade(SDEdit(model, t_start=100, steps=1), pick="loudest")
 
 
 def test_always_cascade_equals_a_full_majority_vote(model):

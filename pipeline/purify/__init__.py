@@ -42,8 +42,8 @@ METHODS: dict[str, type[Purifier]] = {"none": Identity, "sdedit": SDEdit, "zip":
 def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | None = None,
                    dtype: str = "float32") -> Purifier | Cascade:
     """Construct (and so validate) a method. Cascade takes `base` (a method name), `k`, `escalate`,
-    `original_votes`, `original_below`, `original_quantile`, `calibration_rows`, `original_support`, and the base's
-    own params; unknown params raise a TypeError naming them."""
+    `original_votes`, `original_below`, `original_quantile`, `calibration_rows`, `original_support`, `pick`, and the
+    base's own params; unknown params raise a TypeError naming them."""
     params = dict(params or {})
     if method == "cascade":
         base = params.pop("base", CASCADE_DEFAULTS["base"])
@@ -51,6 +51,7 @@ def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | 
         escalate = params.pop("escalate", CASCADE_DEFAULTS["escalate"])
         original_votes = params.pop("original_votes", None)  # None: Cascade's default, at most k
         original_support = params.pop("original_support", CASCADE_DEFAULTS["original_support"])
+        pick = params.pop("pick", CASCADE_DEFAULTS["pick"])
         original_quantile, original_below, calibration_rows = gate_params(params)
         for name in ("original_quantile", "original_below", "calibration_rows"):
             params.pop(name, None)
@@ -61,7 +62,7 @@ def build_purifier(method: str, model: DiffusionModel, params: dict[str, Any] | 
         return Cascade(build_purifier(base, model, params, dtype), k=k,  # type: ignore[arg-type]
                        escalate=escalate, original_votes=original_votes, original_below=original_below,
                        original_quantile=original_quantile, calibration_rows=calibration_rows,
-                       original_support=original_support)
+                       original_support=original_support, pick=pick)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted([*METHODS, 'cascade'])}")
     try:

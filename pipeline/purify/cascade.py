@@ -28,7 +28,14 @@ the passes run so far, gives the original label a mean probability of at least m
 effect away, so the passes of a triggered image give the target little probability even where the victim's own
 answer was unsure enough to open the gate; a clean image the model was unsure about keeps some probability for its
 label through the passes. The support is re-read after every pass, and the stopping rule reads the ballots as they
-stand. What these rules measure: docs/methods.md and docs/zoo.md.
+stand.
+
+Once the passes out-vote the original label, `pick` says which of the classes they voted wins: `probability` (ours,
+the default) the one to which the black box gives the most probability summed over the passes, `votes` the one with
+the most votes. A pass answering "c at .45, d at .40" is a full vote for c but nearly as much evidence for d; on an
+image the passes split over, the summed probabilities read that evidence, the counts do not. The original label
+itself never re-enters here, so a triggered image's target cannot win this way. A black box without scores picks
+by votes. What these rules measure: docs/methods.md and docs/zoo.md.
 
 The rounds are written once, as generators (`Cascade.steps`, `one_pass_steps`) that yield what they need next, a
 purifier pass (`PurifyStep`) or a query (`QueryStep`), and receive the answer. `drive` runs them inline with a plain
@@ -63,10 +70,13 @@ Classify = Callable[[np.ndarray], Any]
 # `original_quantile` is null. With `base: sdedit`, SDEDIT_BASE fills what the user leaves out (a plain-SDEdit
 # vote); other bases use their own defaults. Chosen on the worst victim of the zoo (`python -m pipeline zoo`,
 # docs/zoo.md).
-DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", **GATE_DEFAULTS}
+# Once the passes out-vote the original label, the class they voted that the black box gives the most probability
+# summed over them wins (`pick`).
+DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", "pick": "probability", **GATE_DEFAULTS}
 GUIDED_BASE: dict = {"steps": 4, "restart_tau": 0.8, "tau": 0.6, "sharpen": 1.0}
 SDEDIT_BASE: dict = {"t_start": 300, "steps": 8, "eta": 1.0}
 ESCALATE = ("flip", "always")
+PICK = ("probability", "votes")
 K_MAX = 64  # passes per image: a vote of more is a configuration mistake, not a setting
 
 
@@ -301,9 +311,9 @@ class Cascade:
     original label casts `original_votes` ballots where the black box's probability for it is below the gate's
     threshold: `original_below` (None: always), or with `original_quantile` the threshold `calibrate` measures on
     the first `calibration_rows` images of the job (`original_below`, if given too, is taken as that measurement),
-    and only while the passes give the original label a mean probability of at least `original_support`.
-    Constructed directly, the gate is fixed; `build_purifier` applies the method's defaults (DEFAULTS), which
-    measure it."""
+    and only while the passes give the original label a mean probability of at least `original_support`; `pick`
+    chooses among the classes the passes voted where they out-vote the original. Constructed directly, the gate is
+    fixed; `build_purifier` applies the method's defaults (DEFAULTS), which measure it."""
 
     name = "cascade"
 
@@ -312,7 +322,7 @@ class Cascade:
                  original_below: float | None = DEFAULTS["original_below"],
                  original_quantile: float | None = None,
                  calibration_rows: int = DEFAULTS["calibration_rows"],
-                 original_support: float = DEFAULTS["original_support"]) -> None:
+                 original_support: float = DEFAULTS["original_support"], pick: str = DEFAULTS["pick"]) -> None:
         if not 1 <= int(k) <= K_MAX:
             raise ValueError(f"k must be in [1, {K_MAX}], got {k}")
         if escalate not in ESCALATE:
@@ -328,9 +338,11 @@ class Cascade:
             raise ValueError(f"original_below must be in (0, 1] (a probability) or null, got {original_below}")
         if not 0.0 <= float(original_support) <= 1.0:
             raise ValueError(f"original_support must be in [0, 1] (a probability; 0 = off), got {original_support}")
+        if pick not in PICK:
+            raise ValueError(f"pick must be one of {PICK}, got {pick!r}")
         if not 1 <= int(calibration_rows) <= 100_000:
             raise ValueError(f"calibration_rows must be in [1, 100000], got {calibration_rows}")
-        self.base, self.k, self.escalate = base, int(k), escalate
+        self.base, self.k, self.escalate, self.pick = base, int(k), escalate, pick
         self.original_votes = int(original_votes)
         self.original_support = float(original_support)
         self.original_quantile = None if original_quantile is None else float(original_quantile)
@@ -352,7 +364,7 @@ class Cascade:
     def params(self) -> dict[str, Any]:
         out = {"base": self.base.name, **self.base.params(), "k": self.k, "escalate": self.escalate,
                "original_votes": self.original_votes, "original_below": self.original_below,
-               "original_support": self.original_support}
+               "original_support": self.original_support, "pick": self.pick}
         if self.original_quantile is not None:
             out.update(original_quantile=self.original_quantile, calibration_rows=self.calibration_rows)
         return out
@@ -388,6 +400,7 @@ class Cascade:
         pred_orig, score_orig = a.labels[:n], a.own_score[:n]
         scored = a.scores is not None
         support = _Support(a.score_of(pred_orig, offset=n))
+        summed = _Summed(a.scores[n:] if scored and self.pick == "probability" else None)
         ballots = self.ballots(pred_orig, score_orig if scored else None, support.mean)
         votes = np.full((n, self.k), -1, dtype=np.int64)
         votes[:, 0] = a.labels[n:]
@@ -405,8 +418,9 @@ class Cascade:
             votes[rows, j] = aj.labels
             fail.add(rows, aj)
             support.add(rows, aj.score_of(pred_orig[rows]))
+            summed.add(rows, aj.scores)
             ballots = self.ballots(pred_orig, score_orig if scored else None, support.mean)
-        out = finish_cascade(pred_orig, votes, passes, nfe, ballots)
+        out = finish_cascade(pred_orig, votes, passes, nfe, ballots, summed.total)
         bad = fail.failed
         first_score = a.own_score[n:]
         escalated = (votes[:, 1:] >= 0).any(1)
@@ -442,6 +456,36 @@ class _Support:
         return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan).astype(np.float32)
 
 
+def by_probability(labels: np.ndarray, pred_orig: np.ndarray, votes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Where the vote went against the original label, the class the passes voted (other than the original) with the
+    most probability summed over the passes (`scores` (N, K); a row with NaN keeps its label). Ties go to the lower
+    class id."""
+    out = labels.copy()
+    known = ~np.isnan(scores).any(1)
+    for i in np.flatnonzero((labels >= 0) & (labels != pred_orig) & known):
+        row = votes[i]
+        cand = np.unique(row[(row >= 0) & (row != pred_orig[i]) & (row < scores.shape[1])])
+        if cand.size:
+            out[i] = cand[np.argmax(scores[i, cand])]
+    return out
+
+
+class _Summed:
+    """Per row, the black box's probabilities summed over the passes run so far (N, K); None without scores. A row
+    with a pass answered without scores, or with another number of classes, becomes NaN: it picks by votes."""
+
+    def __init__(self, first: np.ndarray | None) -> None:
+        self.total = None if first is None else np.asarray(first, np.float64).copy()
+
+    def add(self, rows: np.ndarray, scores: np.ndarray | None) -> None:
+        if self.total is None:
+            return
+        if scores is None or scores.shape[1] != self.total.shape[1]:
+            self.total[rows] = np.nan
+        else:
+            self.total[rows] += scores
+
+
 @dataclass
 class CascadeOutcome:
     images: np.ndarray  # uint8 (N, C, H, W): per row, the first pass that voted the winner (pass 0 where the original
@@ -451,10 +495,13 @@ class CascadeOutcome:
 
 
 def finish_cascade(pred_orig: np.ndarray, votes: np.ndarray, passes: np.ndarray, nfe: np.ndarray,
-                   ballots: np.ndarray | None = None) -> CascadeOutcome:
+                   ballots: np.ndarray | None = None, scores: np.ndarray | None = None) -> CascadeOutcome:
     """Vote and pick the output image. votes (N, m) with -1 for passes not run; passes (N, m, C, H, W) uint8;
-    ballots: the original label's (`original_ballots`), or None."""
+    ballots: the original label's (`original_ballots`), or None; scores: the passes' summed probabilities (N, K), NaN
+    rows unknown (`by_probability`), or None to pick by votes."""
     labels, _ = majority(_pool(votes, ballots))
+    if scores is not None:
+        labels = by_probability(labels, pred_orig, votes, scores)
     valid = votes >= 0
     disagree = ((votes != pred_orig[:, None]) & valid).sum(1) / np.maximum(valid.sum(1), 1)
     pick = np.argmax(votes == labels[:, None], axis=1)  # first pass that voted the winner (0 if none did)
