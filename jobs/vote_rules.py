@@ -30,14 +30,16 @@ import argparse
 import json
 import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.attacks import TARGET, apply_trigger
 from pipeline.bench import GRID
+from pipeline.blackbox.base import Prediction
 from pipeline.evaluate import calibrate_vote, eval_images, victim_classifier
-from pipeline.purify import build_purifier, load_model
+from pipeline.purify import Cascade, build_purifier, load_model
 from pipeline.purify.cascade import escalation_seeds, majority
 from pipeline.zoo import DEFAULT_LABEL, MemoPurifier, load_zoo, spread, victim_row
 
@@ -56,15 +58,17 @@ def shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def shifted(classify):
-    def ask(x: np.ndarray):
+def shifted(classify: Callable[[np.ndarray], Prediction]) -> Callable[[np.ndarray], Prediction]:
+    """The black box asked about each image and its four one-pixel shifts, the probabilities averaged."""
+    def ask(x: np.ndarray) -> Prediction:
         views = [x] + [shift(x, dy, dx) for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
         scores = np.mean([np.asarray(classify(v).scores, np.float32) for v in views], 0)
-        return type("Answer", (), {"labels": scores.argmax(1), "scores": scores})()
+        return Prediction(scores.argmax(1), scores, [None] * len(x))
     return ask
 
 
-def rounds(cascade, images: np.ndarray, keys: list[str], classify) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rounds(cascade: Cascade, images: np.ndarray, keys: list[str],
+           classify: Callable[[np.ndarray], Prediction]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The shipped rounds in batches: (labels, votes (N, k), nfe)."""
     out = [cascade.run(images[s:s + BATCH], keys[s:s + BATCH], 0, classify) for s in range(0, len(images), BATCH)]
     return (np.concatenate([o.labels for o in out]), np.concatenate([o.votes for o in out]),

@@ -69,9 +69,8 @@ Classify = Callable[[np.ndarray], Any]
 # gate opens for fewer rows, and fewer triggered ones among them. `original_below` (.95) is the fixed gate used when
 # `original_quantile` is null. With `base: sdedit`, SDEDIT_BASE fills what the user leaves out (a plain-SDEdit
 # vote); other bases use their own defaults. Chosen on the worst victim of the zoo (`python -m pipeline zoo`,
-# docs/zoo.md).
-# Once the passes out-vote the original label, the class they voted that the black box gives the most probability
-# summed over them wins (`pick`).
+# docs/zoo.md). Where the passes out-vote the original label, the class they voted that the black box gives the
+# most probability summed over them wins (`pick`).
 DEFAULTS: dict = {"base": "guided", "k": 5, "escalate": "always", "pick": "probability", **GATE_DEFAULTS}
 GUIDED_BASE: dict = {"steps": 4, "restart_tau": 0.8, "tau": 0.6, "sharpen": 1.0}
 SDEDIT_BASE: dict = {"t_start": 300, "steps": 8, "eta": 1.0}
