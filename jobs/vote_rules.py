@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ from pipeline.blackbox.base import Prediction
 from pipeline.evaluate import calibrate_vote, eval_images, victim_classifier
 from pipeline.purify import Cascade, build_purifier, load_model
 from pipeline.purify.cascade import escalation_seeds, majority
-from pipeline.zoo import DEFAULT_LABEL, MemoPurifier, load_zoo, spread, victim_row
+from pipeline.zoo import DEFAULT_LABEL, load_memo, load_zoo, memoised, save_memo, spread, victim_row
 
 PREVIOUS = "vote-guided4-k5-q30-v3-restart-sharp1-tau6-support3"  # the default with pick: votes
 
@@ -106,17 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     model = load_model("fmnist-tiny", "cpu")
-    saved = pickle.loads(args.memo.read_bytes()) if args.memo.exists() else {"meta": None, "memo": {}}
     meta = {"model": "fmnist-tiny", "weights": model.fingerprint(), "n": args.n, "dtype": "float32"}
-    if saved["meta"] not in (None, meta):
-        raise SystemExit(f"{args.memo} was made with {saved['meta']}, not {meta}")
-    saved["meta"] = meta
+    kept = load_memo(args.memo, meta)
     grid = {label: (method, params) for label, method, params in GRID}
     cascade, default = (build_purifier(grid[label][0], model, grid[label][1], dtype="float32")
                         for label in (PREVIOUS, DEFAULT_LABEL))
-    base = cascade.base
-    signature = json.dumps([base.name, base.params()], sort_keys=True, default=str)
-    cascade.base = default.base = memo = MemoPurifier(base, saved["memo"].setdefault(signature, {}))
+    cascade.base = default.base = memo = memoised(cascade.base, kept)
     seeds = [0, *escalation_seeds(0, cascade.k)]
 
     clean, labels = eval_images(args.n)
@@ -130,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         passes[name] = np.stack([np.concatenate([memo(images[s:s + BATCH], keys[s:s + BATCH], seed).uint8()
                                                  for s in range(0, len(images), BATCH)]) for seed in seeds], 1)
     if memo.computed:
-        args.memo.write_bytes(pickle.dumps(saved))
+        save_memo(args.memo, meta, kept)
     print(f"[{time.time() - t0:.0f}s] passes ready ({memo.computed} purified)", flush=True)
 
     rows, ceiling = [], []

@@ -150,6 +150,11 @@ class SinkCheckConfig(_Section):
     class_share: float = Field(default=0.5, gt=0, le=1, allow_inf_nan=False)
     min_class_rows: int = Field(default=20, ge=1, le=10**9)
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments of `pipeline.flows.find_sinks` / `sinks_in_table`."""
+        return self.model_dump(exclude={"enabled"})
+
 
 class AuditConfig(_Section):
     # where report.json/html go besides the local --report folder (default: <output.uri>/_report for a remote output)

@@ -547,7 +547,7 @@ def _sanitize(cfg: JobConfig, pre: Preflight) -> Summary:
                 budget_rejected=int(bb_stats.get("budget_rejected", 0)),
                 unet_share=float(bb_stats.get("unet_share", 0.0)), gate=gate)
     if cfg.sink_check.enabled:
-        sinks = sinks_in_table(table, **cfg.sink_check.model_dump(exclude={"enabled"}))
+        sinks = sinks_in_table(table, **cfg.sink_check.settings)
         s.sinks = [sink.as_dict() for sink in sinks]
         for sink in sinks:
             log.error("%s: %s", sink.describe(), SINK_MEANING)

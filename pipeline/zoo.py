@@ -106,6 +106,26 @@ class MemoPurifier:
         return _Memoised(np.stack([g[0] for g in got]), torch.tensor([g[1] for g in got], dtype=torch.long))
 
 
+def memoised(base: Any, memo: dict) -> MemoPurifier:
+    """`base` with its outputs kept in `memo`, under its name and params (one store per purifier setting)."""
+    signature = json.dumps([base.name, base.params()], sort_keys=True, default=str)
+    return MemoPurifier(base, memo.setdefault(signature, {}))
+
+
+def load_memo(path: Path | None, meta: dict) -> dict:
+    """The memo kept at `path` if it was made with `meta` (model, weights, n, dtype), else an empty one."""
+    if path and path.exists():
+        saved = pickle.loads(path.read_bytes())
+        if saved.get("meta") == meta:
+            return saved["memo"]
+    return {}
+
+
+def save_memo(path: Path, meta: dict, memo: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps({"meta": meta, "memo": memo}))
+
+
 def _se(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n and not math.isnan(p) else float("nan")
 
@@ -134,7 +154,7 @@ def victim_row(victim: dict, label: str, clean_pred: np.ndarray, clean_orig: np.
            "lost": int(lost.sum()), "won": int(won.sum()), "lost_won_by_confidence": by_conf}
     answered = np.concatenate([clean_pred, trig_pred]) >= 0
     flows = np.concatenate([clean_orig, trig_orig])[answered], np.concatenate([clean_pred, trig_pred])[answered]
-    check = SinkCheckConfig().model_dump(exclude={"enabled"})
+    check = SinkCheckConfig().settings
     sinks = find_sinks(*flows, **check)
     row["sink"] = sinks[0].as_dict() if sinks else None
     # how often a smaller job (an audit's sample) would see it: the check on random subsets of these rows
@@ -184,8 +204,7 @@ def run(victims: list[dict], methods: list[tuple[str, str, dict]], model: Any, n
         rows = []
         defense = build_purifier(method, model, params, dtype=dtype)
         base = defense.base if isinstance(defense, Cascade) else defense
-        signature = json.dumps([base.name, base.params()], sort_keys=True, default=str)
-        memo_base = MemoPurifier(base, memo.setdefault(signature, {}))
+        memo_base = memoised(base, memo)
         if isinstance(defense, Cascade):
             defense.base = memo_base
             runner: Any = defense
@@ -339,11 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device)
     # Keyed by the weights too: a retrained model keeps its preset name and folder.
     memo_meta = {"model": args.model, "weights": model.fingerprint(), "n": args.n, "dtype": args.dtype}
-    memo: dict = {}
-    if args.memo and args.memo.exists():
-        saved = pickle.loads(args.memo.read_bytes())
-        if saved.get("meta") == memo_meta:
-            memo = saved["memo"]
+    memo = load_memo(args.memo, memo_meta)
     t0 = time.time()
     rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -355,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += got
         print(f"[{time.time() - t0:6.0f}s] {label}: {computed} images purified", flush=True)
         if args.memo:  # after each method, so that a stopped run keeps what it computed
-            args.memo.parent.mkdir(parents=True, exist_ok=True)
-            args.memo.write_bytes(pickle.dumps({"meta": memo_meta, "memo": memo}))
+            save_memo(args.memo, memo_meta, memo)
     seconds = round(time.time() - t0, 1)
     rows = kept + rows
     summary = spread(rows)

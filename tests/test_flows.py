@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import SinkCheckConfig, load_config
 from pipeline.flows import find_sinks, sinks_in_table, wilson_lower
 
-DEFAULTS = SinkCheckConfig().model_dump(exclude={"enabled"})
+DEFAULTS = SinkCheckConfig().settings
 
 
 def flows(rows_per_class: int = 100, classes: int = 10, moves: dict[tuple[int, int], int] | None = None):

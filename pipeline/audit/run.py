@@ -209,7 +209,7 @@ def run_audit(cfg: JobConfig, report_dir: Path | str | None = None, previous: st
 
     summary = run_sanitize(cfg)
     table = load_output(out_uri, endpoint_url=endpoint)
-    sink_check = cfg.sink_check.model_dump(exclude={"enabled"}) if cfg.sink_check.enabled else None
+    sink_check = cfg.sink_check.settings if cfg.sink_check.enabled else None
     report = build_report(table, local, previous=prev, thresholds=checked, class_names=cfg.blackbox.class_names,
                           sample=drawn, sink_check=sink_check)
     files = {name: (local / name).read_bytes() for name in REPORT_FILES}
