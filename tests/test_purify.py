@@ -26,7 +26,7 @@ from pipeline.purify.filters import unsharp_mask
 from pipeline.purify.guided import Guided
 from pipeline.purify.models import DiffusionModel
 from pipeline.purify.sampdetox import LocalRepair, SampDetox
-from pipeline.purify.sampling import predict_eps
+from pipeline.purify.sampling import predict_eps, state_grid
 from pipeline.purify.sdedit import SDEdit
 from pipeline.purify.ssim import ssim_map
 from pipeline.purify.zip import ZIP
@@ -190,6 +190,28 @@ def test_guided_restarts_from_the_locator_only_around_a_block_it_moved_far(model
             Guided(model, restart_tau=bad)
     with pytest.raises(ValueError, match="restart_core"):
         Guided(model, restart_tau=0.8, restart_core=0.5)
+
+
+def test_quadratic_spacing_shrinks_the_steps_towards_the_clean_end(model):
+    assert state_grid(300, 4) == [300, 225, 150, 75, 0]
+    assert state_grid(300, 4, "quadratic") == [300, 169, 75, 19, 0]  # DDIM's t_start ((S - k) / S)^2
+    for t_start, steps in ((10, 8), (5, 5), (1, 1), (1000, 50)):
+        grid = state_grid(t_start, steps, "quadratic")
+        assert grid[0] == t_start and grid[-1] == 0 and len(grid) == steps + 1
+        assert all(a > b for a, b in zip(grid, grid[1:]))  # never a repeated state, however short the run
+        gaps = np.diff(grid[::-1])
+        assert (gaps[1:] >= gaps[:-1]).all()  # the steps never grow towards the clean end
+    with pytest.raises(ValueError, match="spacing"):
+        state_grid(300, 4, "cosine")
+    with pytest.raises(ValueError, match="spacing"):
+        Guided(model, spacing="log")
+    imgs = batch(2)
+    linear = Guided(model, t_start=300, steps=4)
+    quad = Guided(model, t_start=300, steps=4, spacing="quadratic")
+    out = quad(imgs, ["a", "b"])
+    assert not torch.equal(out.images, linear(imgs, ["a", "b"]).images)  # the knob reaches the sampler
+    assert out.nfe.tolist() == [6, 6]  # the same cost
+    assert "spacing" not in linear.params() and quad.params()["spacing"] == "quadratic"
 
 
 def test_guided_projection_holds_the_pool_and_switches_off(model):

@@ -46,13 +46,14 @@ class Guided(Purifier):
     def __init__(self, model: DiffusionModel, t_start: int = 300, steps: int = 6, eta: float = 1.0,
                  locate_steps: int = 2, guide_steps: int = 2, pool: int = 2, tau: float = 0.4, sharpen: float = 0.5,
                  restart_tau: float | None = None, restart_core: float = 1.2, black_level: float | None = None,
-                 **kw: Any) -> None:
+                 spacing: str = "linear", **kw: Any) -> None:
         # None = the model's domain black level: ours uses the domain prior; the published methods default to 0.
         super().__init__(model, sharpen=sharpen, black_level=black_level, **kw)
         if not 1 <= t_start <= model.num_train_timesteps:
             raise ValueError(f"t_start must be in [1, {model.num_train_timesteps}], got {t_start}")
-        state_grid(t_start, steps)
-        state_grid(t_start, locate_steps)
+        state_grid(t_start, steps, spacing)
+        state_grid(t_start, locate_steps, spacing)
+        self.spacing = spacing
         if not 0 <= guide_steps <= steps:
             raise ValueError(f"guide_steps must be in [0, steps={steps}], got {guide_steps}")
         if pool < 1:
@@ -76,8 +77,9 @@ class Guided(Purifier):
         # Written only when on, so the rows of runs without it keep the params they always had.
         restart = {} if self.restart_tau is None else {"restart_tau": self.restart_tau,
                                                        "restart_core": self.restart_core}
+        spacing = {} if self.spacing == "linear" else {"spacing": self.spacing}
         return {"t_start": self.t_start, "steps": self.steps, "eta": self.eta, "locate_steps": self.locate_steps,
-                "guide_steps": self.guide_steps, "pool": self.pool, "tau": self.tau, **restart}
+                "guide_steps": self.guide_steps, "pool": self.pool, "tau": self.tau, **restart, **spacing}
 
     @property
     def nominal_nfe(self) -> float:
@@ -108,7 +110,7 @@ class Guided(Purifier):
     def _purify(self, x: torch.Tensor, keys: Sequence[str], seed: int) -> PurifyResult:
         gens = generators(keys, seed)
         located = reverse(self.model, q_sample(self.model, x, self.t_start, noise_like(x, gens)), self.t_start,
-                          self.locate_steps, gens, self.eta, dtype=self.dtype)
+                          self.locate_steps, gens, self.eta, dtype=self.dtype, spacing=self.spacing)
         mask = self.trusted_blocks(x, located)
         back = self.op.pinv(self.op(x))
         start = self.start_point(x, located)
@@ -118,6 +120,6 @@ class Guided(Purifier):
 
         x_t = q_sample(self.model, start, self.t_start, noise_like(x, gens))
         out = reverse(self.model, x_t, self.t_start, self.steps, gens, self.eta, project=project,
-                      project_steps=self.guide_steps, dtype=self.dtype)
+                      project_steps=self.guide_steps, dtype=self.dtype, spacing=self.spacing)
         nfe = torch.full((x.shape[0],), self.locate_steps + self.steps, dtype=torch.long)
         return PurifyResult(out, nfe)

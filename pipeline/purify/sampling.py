@@ -70,11 +70,24 @@ def check_eta(eta: float) -> float:
     return eta
 
 
-def state_grid(t_start: int, steps: int) -> list[int]:
-    """Descending states t_start = g0 > g1 > ... > g_steps = 0, evenly spaced, `steps` transitions."""
+SPACINGS = ("linear", "quadratic")
+
+
+def state_grid(t_start: int, steps: int, spacing: str = "linear") -> list[int]:
+    """Descending states t_start = g0 > g1 > ... > g_steps = 0, `steps` transitions.
+
+    `spacing` is DDIM's choice of sub-sequence (Song et al. 2021, Sec. 4.2 and App. D.2): "linear", evenly spaced;
+    "quadratic", g_k = t_start ((steps - k) / steps)^2, whose steps shrink towards the clean end, where fine detail
+    is decided (each state kept at least one above the next)."""
     if not 1 <= steps <= t_start:
         raise ValueError(f"steps must be in [1, t_start={t_start}], got {steps}")
-    grid = np.linspace(t_start, 0, steps + 1).round().astype(int).tolist()
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if spacing == "linear":
+        return np.linspace(t_start, 0, steps + 1).round().astype(int).tolist()
+    grid = [round(t_start * ((steps - k) / steps) ** 2) for k in range(steps + 1)]
+    for k in range(steps - 1, -1, -1):  # with steps <= t_start this never lifts g0 above t_start
+        grid[k] = max(grid[k], grid[k + 1] + 1)
     return grid
 
 
@@ -145,10 +158,11 @@ def reverse(
     project: Projection | None = None,
     dtype: torch.dtype = torch.float32,
     project_steps: int | None = None,
+    spacing: str = "linear",
 ) -> torch.Tensor:
-    """Run the reverse process from state t_start to 0 in `steps` UNet evaluations; `project` (if any) applies to
-    the first `project_steps` steps (all by default)."""
-    grid = state_grid(t_start, steps)
+    """Run the reverse process from state t_start to 0 in `steps` UNet evaluations on `state_grid`'s states;
+    `project` (if any) applies to the first `project_steps` steps (all by default)."""
+    grid = state_grid(t_start, steps, spacing)
     x = x_t
     for i, (t, t_prev) in enumerate(zip(grid[:-1], grid[1:])):
         eps = predict_eps(model, x, t, dtype)
