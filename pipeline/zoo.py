@@ -1,10 +1,12 @@
 """The victim-zoo benchmark: every method against every victim of a zoo (architectures, recipes and attacks the
 defense was not tuned on), per victim with standard errors, and the spread across victims with the worst one first.
 
-    python -m pipeline zoo [--zoo models/zoo] [--n 1000] [--only none,sdedit-250,...] [--out docs/zoo]
+    python -m pipeline zoo [--zoo models/zoo] [--n 1000] [--offset 0] [--only none,sdedit-250,...] [--out docs/zoo]
 
-Methods are the benchmark's grid labels (`pipeline.bench.GRID`). Each victim is queried as a black box (ONNX) on the
-first `--n` clean test images and on the triggered copies of those of them whose label is not the target. The vote
+Methods are the benchmark's grid labels (`pipeline.bench.GRID`). Each victim is queried as a black box (ONNX) on
+`--n` clean test images from `--offset` on and on the triggered copies of those of them whose label is not the
+target. Settings were chosen on the first 1,000 test images; an offset past them gives images held out from every
+choice, which is how a worst victim picked on those images is measured again without the luck of its pick. The vote
 runs its own rounds (`Cascade.run`, the code path of `sanitize`); purification is memoised per (image, key, seed),
 which changes nothing since a purifier's output depends only on those, so victims that see the same images share it.
 
@@ -31,6 +33,7 @@ import torch
 
 from pipeline.attacks import TARGET, apply_trigger
 from pipeline.config import SinkCheckConfig
+from pipeline.datasets import load_dataset
 from pipeline.evaluate import calibrate_vote, eval_images, run_defense, victim_classifier
 from pipeline.flows import find_sinks
 from pipeline.metrics import attack_metrics
@@ -186,13 +189,15 @@ def spread(rows: list[dict]) -> list[dict]:
 
 
 def run(victims: list[dict], methods: list[tuple[str, str, dict]], model: Any, n: int, seed: int,
-        batch_size: int, dtype: str, memo: dict | None = None) -> Iterator[tuple[str, int, list[dict]]]:
-    """Per method, in order: (label, images purified for it, one row per victim)."""
-    clean4, labels = eval_images(n)
+        batch_size: int, dtype: str, memo: dict | None = None,
+        offset: int = 0) -> Iterator[tuple[str, int, list[dict]]]:
+    """Per method, in order: (label, images purified for it, one row per victim), on test images offset..offset+n."""
+    clean4, labels = eval_images(n, offset)
     shape = (clean4.shape[1], clean4.shape[-1])
     keep = np.flatnonzero(labels != TARGET)
     triggered = {t: apply_trigger(clean4[keep], t) for t in dict.fromkeys(v["trigger"] for v in victims)}
-    keys_clean = [f"clean-{i}" for i in range(n)]
+    # keys name the test image, not its place in this run, so that runs at any offset can share a memo
+    keys_clean = [f"clean-{offset + i}" for i in range(n)]
     memo = {} if memo is None else memo
     classifiers = {v["name"]: victim_classifier(v["path"].stem, v["path"].parent, shape) for v in victims}
     originals, trig_originals = {}, {}
@@ -213,7 +218,7 @@ def run(victims: list[dict], methods: list[tuple[str, str, dict]], model: Any, n
         for v in victims:
             classify = classifiers[v["name"]]
             trig = triggered[v["trigger"]]
-            keys_trig = [f"{v['trigger']}-{i}" for i in keep]
+            keys_trig = [f"{v['trigger']}-{offset + i}" for i in keep]
             if method == "none":
                 pc_labels, pt_labels, nfe = originals[v["name"]][0], trig_originals[v["name"]], np.zeros(n + len(keep))
             else:
@@ -298,12 +303,12 @@ def _shown(path: Path) -> str:
 
 def merged_rows(path: Path, running: set[tuple[str, str]], setup: dict) -> list[dict]:
     """The rows of an earlier run at `path` for (victim, method label) pairs not in `running`. An earlier run with
-    another model (or other weights under its name), image count, seed or dtype measured something else, so merging
-    into it fails."""
+    another model (or other weights under its name), image count or offset, seed or dtype measured something else,
+    so merging into it fails."""
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
-    theirs = {k: saved["meta"].get(k) for k in setup}
+    theirs = {k: saved["meta"].get(k, 0 if k == "offset" else None) for k in setup}  # older runs started at 0
     if theirs != setup:
         raise SystemExit(f"--merge: {path} was made with {theirs}, this run is {setup}")
     return [r for r in saved["rows"] if (r["victim"], r["label"]) not in running]
@@ -320,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                     help='also run a vote with these cascade params, e.g. \'k6={"steps": 4, "k": 6}\' (repeatable)')
     ap.add_argument("--victims", help="comma-separated victim names (default: all)")
     ap.add_argument("--n", type=int, default=1000, help="clean test images (their non-target ones are triggered)")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="the first test image used (past 1000: images no setting was chosen on)")
     ap.add_argument("--model", default="fmnist-tiny")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
@@ -348,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--vote {spec!r}: expected LABEL={{...}}")
         grid[label] = (label, "cascade", params)
         wanted.append(label)
+    total = len(load_dataset("fmnist", "test")[1])
+    if args.n < 1 or args.offset < 0 or args.offset + args.n > total:
+        raise SystemExit(f"--n {args.n} --offset {args.offset}: the images must lie within the {total} test images")
     victims = load_zoo(args.zoo)
     if args.victims:
         names = args.victims.split(",")
@@ -357,16 +367,18 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     model = load_model(args.model, device)
     # Keyed by the weights too: a retrained model keeps its preset name and folder.
-    memo_meta = {"model": args.model, "weights": model.fingerprint(), "n": args.n, "dtype": args.dtype}
+    memo_meta = {"model": args.model, "weights": model.fingerprint(), "n": args.n, "offset": args.offset,
+                 "dtype": args.dtype}
     memo = load_memo(args.memo, memo_meta)
     t0 = time.time()
     rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    setup = {"model": args.model, "weights": memo_meta["weights"], "n": args.n, "seed": args.seed, "dtype": args.dtype}
+    setup = {"model": args.model, "weights": memo_meta["weights"], "n": args.n, "offset": args.offset,
+             "seed": args.seed, "dtype": args.dtype}
     running = {(v["name"], w) for v in victims for w in wanted}
     kept = merged_rows(args.out / "results.json", running, setup) if args.merge else []
     for label, computed, got in run(victims, [grid[w] for w in wanted], model, args.n, args.seed, args.batch_size,
-                                    args.dtype, memo):
+                                    args.dtype, memo, args.offset):
         rows += got
         print(f"[{time.time() - t0:6.0f}s] {label}: {computed} images purified", flush=True)
         if args.memo:  # after each method, so that a stopped run keeps what it computed
@@ -394,6 +406,8 @@ def report(meta: dict, rows: list[dict], summary: list[dict], last_run: str) -> 
     worst_row = max(worst, key=lambda r: r["ca_drop"])
     kept = meta["rows_merged"]
     merged = f" ({kept} victim x method rows kept from the earlier run)" if kept else ""
-    return (f"Model {meta['model']} on {meta['device']}, {meta['victims']} victims{merged}, first {meta['n']} test "
-            f"images (clean) and their non-target ones triggered, seed {meta['seed']}, {meta['seconds']}s.\n\n"
+    start = meta.get("offset", 0)
+    which = f"first {meta['n']} test images" if not start else f"{meta['n']} test images from index {start}"
+    return (f"Model {meta['model']} on {meta['device']}, {meta['victims']} victims{merged}, {which} "
+            f"(clean) and their non-target ones triggered, seed {meta['seed']}, {meta['seconds']}s.\n\n"
             f"{format_tables(rows, summary)}\n\n{sink_table(rows)}{lost_won_table(worst_row)}\n")

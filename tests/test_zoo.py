@@ -174,6 +174,23 @@ def test_zoo_bench_end_to_end(tmp_path: Path) -> None:
     run4 = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True)
     assert run4.returncode != 0 and "--merge" in run4.stderr
 
+    # --offset: the next test images, held out from the first ones; a run at another offset is not merged into this
+    # one, and images past the end of the test set are refused.
+    held = [*cmd[:-6], "--victims", "mlp-aware", "--only", "none", "--offset", "24"]
+    run8 = subprocess.run([*held, "--out", str(out / "held")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run8.returncode == 0, run8.stderr[-2000:]
+    held_res = json.loads((out / "held" / "results.json").read_text())
+    aware = next(v for v in picked if v["name"] == "mlp-aware")
+    sess = ort.InferenceSession(str(zoo / aware["file"]), providers=["CPUExecutionProvider"])
+    pred = sess.run(["logits"], {"input-0": x[24:48].astype(np.float32) / 255})[0].argmax(1)
+    assert held_res["meta"]["offset"] == 24 and held_res["rows"][0]["ca"] == pytest.approx(np.mean(pred == y[24:48]))
+    assert "24 test images from index 24 (clean)" in (out / "held" / "results.md").read_text()
+    run9 = subprocess.run([*held, "--merge", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run9.returncode != 0 and "--merge" in run9.stderr and "'offset': 0" in run9.stderr
+    past = [*held[:-1], "9990", "--out", str(out / "past")]
+    run10 = subprocess.run(past, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run10.returncode != 0 and "within the 10000 test images" in run10.stderr
+
     # Retrained weights under the same preset name: the memo's images are not replayed, and merging into results
     # made with the old weights is refused.
     from pipeline.purify import load_model
