@@ -116,7 +116,7 @@ def memoised(base: Any, memo: dict) -> MemoPurifier:
 
 
 def load_memo(path: Path | None, meta: dict) -> dict:
-    """The memo kept at `path` if it was made with `meta` (model, weights, n, dtype), else an empty one."""
+    """The memo kept at `path` if it was made with `meta` (model, weights, dtype), else an empty one."""
     if path and path.exists():
         saved = pickle.loads(path.read_bytes())
         if saved.get("meta") == meta:
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--memo", type=Path,
-                    help="keep purified images in this file across runs (same model weights, n, dtype)")
+                    help="keep purified images in this file across runs (same model weights and dtype)")
     ap.add_argument("--out", type=Path, default=Path("out/zoo"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of --out/results.json for the victims and methods not run now (same model, "
@@ -367,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     model = load_model(args.model, device)
     # Keyed by the weights too: a retrained model keeps its preset name and folder.
-    memo_meta = {"model": args.model, "weights": model.fingerprint(), "n": args.n, "offset": args.offset,
-                 "dtype": args.dtype}
+    # Not keyed by n or offset: an entry names its image (bytes, key, seed), so runs over any images share a memo.
+    memo_meta = {"model": args.model, "weights": model.fingerprint(), "dtype": args.dtype}
     memo = load_memo(args.memo, memo_meta)
     t0 = time.time()
     rows: list[dict] = []

@@ -190,6 +190,12 @@ def test_zoo_bench_end_to_end(tmp_path: Path) -> None:
     past = [*held[:-1], "9990", "--out", str(out / "past")]
     run10 = subprocess.run(past, cwd=ROOT, env=env, capture_output=True, text=True)
     assert run10.returncode != 0 and "within the 10000 test images" in run10.stderr
+    # The memo names each image by its bytes, key and seed, so a run over other images reuses the ones they share:
+    # from offset 12, images 12-23 (clean and triggered) are replayed and only 24-35 are purified.
+    shifted = [*held[:-1], "12", "--only", "sdedit-250", "--out", str(out / "shifted"), "--memo", str(tmp_path / "m")]
+    run11 = subprocess.run(shifted, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run11.returncode == 0, run11.stderr[-2000:]
+    assert f"sdedit-250: {12 + int(np.sum(y[24:36] != TARGET))} images purified" in run11.stdout, run11.stdout
 
     # Retrained weights under the same preset name: the memo's images are not replayed, and merging into results
     # made with the old weights is refused.
