@@ -40,7 +40,7 @@ from pipeline.blackbox.base import Prediction
 from pipeline.evaluate import calibrate_vote, eval_images, victim_classifier
 from pipeline.purify import Cascade, build_purifier, load_model
 from pipeline.purify.cascade import escalation_seeds, majority
-from pipeline.zoo import DEFAULT_LABEL, load_memo, load_zoo, memoised, save_memo, spread, victim_row
+from pipeline.zoo import DEFAULT_LABEL, load_memo, load_zoo, memo_meta, memoised, save_memo, spread, victim_row
 
 PREVIOUS = "vote-guided4-k5-q30-v3-restart-sharp1-tau6-support3"  # the default with pick: votes
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     model = load_model("fmnist-tiny", "cpu")
-    meta = {"model": "fmnist-tiny", "weights": model.fingerprint(), "n": args.n, "dtype": "float32"}
+    meta = memo_meta("fmnist-tiny", model, "float32")
     kept = load_memo(args.memo, meta)
     grid = {label: (method, params) for label, method, params in GRID}
     cascade, default = (build_purifier(grid[label][0], model, grid[label][1], dtype="float32")

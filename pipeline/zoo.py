@@ -115,6 +115,12 @@ def memoised(base: Any, memo: dict) -> MemoPurifier:
     return MemoPurifier(base, memo.setdefault(signature, {}))
 
 
+def memo_meta(model_name: str, model: Any, dtype: str) -> dict:
+    """What a memo is valid for. Keyed by the weights too, since a retrained model keeps its preset name and folder;
+    not by the images, since each entry names its own (bytes, key, seed), so runs over any images share a memo."""
+    return {"model": model_name, "weights": model.fingerprint(), "dtype": dtype}
+
+
 def load_memo(path: Path | None, meta: dict) -> dict:
     """The memo kept at `path` if it was made with `meta` (model, weights, dtype), else an empty one."""
     if path and path.exists():
@@ -366,14 +372,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown victims among {names}")
     device = pick_device(args.device)
     model = load_model(args.model, device)
-    # Keyed by the weights too: a retrained model keeps its preset name and folder.
-    # Not keyed by n or offset: an entry names its image (bytes, key, seed), so runs over any images share a memo.
-    memo_meta = {"model": args.model, "weights": model.fingerprint(), "dtype": args.dtype}
-    memo = load_memo(args.memo, memo_meta)
+    meta_of_memo = memo_meta(args.model, model, args.dtype)
+    memo = load_memo(args.memo, meta_of_memo)
     t0 = time.time()
     rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    setup = {"model": args.model, "weights": memo_meta["weights"], "n": args.n, "offset": args.offset,
+    setup = {"model": args.model, "weights": meta_of_memo["weights"], "n": args.n, "offset": args.offset,
              "seed": args.seed, "dtype": args.dtype}
     running = {(v["name"], w) for v in victims for w in wanted}
     kept = merged_rows(args.out / "results.json", running, setup) if args.merge else []
@@ -382,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += got
         print(f"[{time.time() - t0:6.0f}s] {label}: {computed} images purified", flush=True)
         if args.memo:  # after each method, so that a stopped run keeps what it computed
-            save_memo(args.memo, memo_meta, memo)
+            save_memo(args.memo, meta_of_memo, memo)
     seconds = round(time.time() - t0, 1)
     rows = kept + rows
     summary = spread(rows)
