@@ -314,7 +314,8 @@ def merged_rows(path: Path, running: set[tuple[str, str]], setup: dict) -> list[
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
-    theirs = {k: saved["meta"].get(k, 0 if k == "offset" else None) for k in setup}  # older runs started at 0
+    made = {"offset": 0, **saved["meta"]}  # runs from before --offset started at the first image
+    theirs = {k: made.get(k) for k in setup}
     if theirs != setup:
         raise SystemExit(f"--merge: {path} was made with {theirs}, this run is {setup}")
     return [r for r in saved["rows"] if (r["victim"], r["label"]) not in running]
